@@ -1,10 +1,7 @@
 """Markers gpu, tpu and slow are skipped by default; --run-gpu / --run-tpu / --run-slow enable them."""
-import os
 
 import pytest
 
-# Keep CPU tests deterministic and predictable on 2-core CI machines.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 _MARKERS = ("gpu", "tpu", "slow")
 

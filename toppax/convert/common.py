@@ -1,0 +1,157 @@
+"""Shared machinery for converting official PyTorch state dicts: loading, a strict key table that
+reports every missing, unused and mis-shaped key at once, and parameter assignment."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class ConversionError(ValueError):
+  """A state dict does not fit the model: lists every missing, unused and mis-shaped key."""
+
+
+def _to_numpy(v) -> np.ndarray:
+  if isinstance(v, np.ndarray):
+    return v
+  if hasattr(v, "detach"):  # torch.Tensor, without importing torch
+    return v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+  return np.asarray(v)
+
+
+def load_state_dict(source) -> dict[str, np.ndarray]:
+  """A mapping of official key -> array (numpy or torch), or a path to a .pth/.pt/.npz file.
+
+  For .pth files the released checkpoints keep the weights under "model"; a DDP "module."
+  prefix is stripped.
+  """
+  if isinstance(source, (str, os.PathLike)):
+    path = os.fspath(source)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".npz"):
+      sd = dict(np.load(path))
+    else:
+      try:
+        import torch
+      except ImportError as e:
+        raise ImportError("loading a .pth checkpoint needs torch: pip install 'toppax[convert]' "
+                          "(CPU torch is enough), or pass a dict of numpy arrays") from e
+      try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+      except Exception as e:
+        raise ConversionError(f"could not read checkpoint {path!r} ({type(e).__name__}: {e}); "
+                              "is it a complete PyTorch checkpoint file?") from e
+      sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
+  elif isinstance(source, Mapping):
+    sd = dict(source)
+    if "model" in sd and isinstance(sd["model"], Mapping):
+      sd = dict(sd["model"])
+  else:
+    raise TypeError(f"state_dict must be a mapping or a checkpoint path, got {type(source).__name__}")
+  if not isinstance(sd, Mapping):
+    raise ConversionError(f"checkpoint holds a {type(sd).__name__}, not a state dict")
+  out = {}
+  for k, v in sd.items():
+    out[k[len("module."):] if k.startswith("module.") else k] = v
+  return out
+
+
+def get_by_path(obj, path: str):
+  for part in path.split("."):
+    obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+  return obj
+
+
+class KeyTable:
+  """Consumes official keys into model parameters, collecting every problem before raising."""
+
+  def __init__(self, state_dict: Mapping[str, Any], *, ignore: Callable[[str], bool] | None = None):
+    self.sd = dict(state_dict)
+    self.used: set[str] = set()
+    self.missing: list[str] = []
+    self.misshaped: list[str] = []
+    self.ignored = sorted(k for k in self.sd if ignore is not None and ignore(k))
+
+  def get(self, key: str) -> np.ndarray | None:
+    if key not in self.sd:
+      self.missing.append(key)
+      return None
+    if key in self.used:
+      raise AssertionError(f"conversion table uses {key!r} twice")
+    self.used.add(key)
+    return _to_numpy(self.sd[key])
+
+  def assign(self, model, path: str, key: str, transform: Callable = lambda x: x,
+             expected: tuple[int, ...] | None = None):
+    """``model.<path> = transform(sd[key])`` if the shape fits, else record the mismatch."""
+    value = self.get(key)
+    if value is None:
+      return
+    param = get_by_path(model, path)
+    target = tuple(param[...].shape)
+    original = tuple(value.shape)
+    if expected is not None and original != tuple(expected):
+      self.misshaped.append(f"{key}: checkpoint {original}, model expects {tuple(expected)}")
+      return
+    value = np.asarray(transform(value))
+    if tuple(value.shape) != target:
+      self.misshaped.append(f"{key}: checkpoint {original}, model expects "
+                            f"{_torch_shape_hint(target, original)}")
+      return
+    param[...] = jnp.asarray(value, param[...].dtype)
+
+  def mark_misshaped(self, key: str, message: str):
+    self.used.add(key)
+    self.misshaped.append(f"{key}: {message}")
+
+  def finish(self, model_desc: str):
+    if self.ignored:
+      log.info("ignored %d checkpoint keys (%s...)", len(self.ignored), ", ".join(self.ignored[:3]))
+    unused = sorted(set(self.sd) - self.used - set(self.ignored))
+    if self.missing or unused or self.misshaped:
+      lines = [f"state dict does not match {model_desc}:"]
+      if self.missing:
+        lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing))
+      if unused:
+        lines.append(f"  unused keys ({len(unused)}): " + ", ".join(unused))
+      if self.misshaped:
+        lines.append(f"  mis-shaped keys ({len(self.misshaped)}): " + "; ".join(self.misshaped))
+      lines.append("  (check the model name and overrides such as depth, embed_dim, patch_size, "
+                   "num_classes against the checkpoint)")
+      raise ConversionError("\n".join(lines))
+
+
+def _torch_shape_hint(target, original):
+  # Show the expected shape in the checkpoint's (torch) layout when it is a plain transpose.
+  if len(target) == 2 and len(original) == 2:
+    return tuple(reversed(target))
+  return target
+
+
+def torch_bicubic_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """``torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`` on (H, W, C), in
+  float64 numpy: separable cubic convolution with a = -0.75 and border-clamped taps."""
+
+  def matrix(n_in, n_out):
+    a = -0.75
+    scale = n_in / n_out
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+      src = (i + 0.5) * scale - 0.5
+      f = int(np.floor(src))
+      t = src - f
+      for j, d in enumerate((-1, 0, 1, 2)):
+        s = abs(t - d)
+        w = ((a + 2) * s - (a + 3)) * s * s + 1 if s <= 1 else (((s - 5) * s + 8) * s - 4) * a
+        m[i, min(max(f + d, 0), n_in - 1)] += w
+    return m
+
+  h, w, _ = x.shape
+  x = np.asarray(x, np.float64)
+  return np.einsum("oh,hwc,pw->opc", matrix(h, out_h), x, matrix(w, out_w))

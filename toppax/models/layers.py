@@ -1,0 +1,37 @@
+"""Small building blocks shared by the models (RMSNorm with fp32 math, stochastic depth)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm as mamba-ssm's reference: fp32 math, ``x * rsqrt(mean(x^2) + eps) * weight``."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x, out_dtype=None):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...]).astype(out_dtype or x.dtype)
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth per sample (timm's DropPath); inactive when ``deterministic``."""
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None, deterministic: bool = True):
+    self.rate = float(rate)
+    self.deterministic = deterministic
+    self.rngs = rngs["dropout"].fork() if (rngs is not None and rate > 0) else nnx.data(None)
+
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rngs is None:
+      raise ValueError("DropPath in training mode needs rngs with a 'dropout' stream")
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
