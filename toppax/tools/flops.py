@@ -66,7 +66,8 @@ _ALIASES = {
 
 # ToP schedules for PlainMamba: (layers after which to prune, keep ratio per layer). Each removes
 # 41.6% +- 0.1% of the dense FLOPs, the reduction the ToP paper reports for PlainMamba-L3
-# (14.4 -> 8.4 G). L1 needs harder pruning for the same total: its unprunable stem is 22% of it.
+# (14.4 -> 8.4 G). L1 needs harder pruning for the same total: its unprunable stem and patch
+# projection are 24% of it.
 # docs/flops.md lists the tokens per layer and the search that found them.
 PLAINMAMBA_TOP_SCHEDULES = {
   "plainmamba_l1": ((6, 10, 14), (0.5, 0.5, 0.5)),
