@@ -44,3 +44,7 @@ def _plainmamba_builder(variant):
     from toppax.models import plainmamba  # noqa: F401  (added by the PlainMamba model)
     return plainmamba.create(variant, pruning=pruning, rngs=rngs, **overrides)
   return build
+
+
+for _v in ("plainmamba_l1", "plainmamba_l2", "plainmamba_l3"):
+  register(_v, _plainmamba_builder(_v))
