@@ -1,0 +1,143 @@
+"""What the GPU and TPU scan kernels share: the static configuration, the ``custom_vjp`` around
+a pair of (forward, backward) kernel launchers, and the fall back to ``"xla"`` when a kernel
+does not lower or compile on the current backend.
+
+A backend module provides ``forward(cfg, args, save) -> (y, checkpoints)`` and
+``backward(cfg, args, checkpoints, dy) -> grads`` over the prepared arguments ``ScanArgs`` (optional
+``D`` and ``delta_bias`` already replaced by zeros, ``gaps`` as float32 or ``None``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from toppax.ssm import ops
+
+log = logging.getLogger(__name__)
+
+LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+  """Everything static about one scan call; hashable, so it keys jit caches and custom_vjp."""
+  backend: str                 # "gpu" or "tpu" (module in this package)
+  delta_softplus: bool
+  reverse: bool
+  gap_delta: str | None        # None when no gaps are given
+  has_z: bool
+  interpret: bool
+  tuning: tuple = ()           # backend-specific (name, value) pairs
+
+  def tune(self, name, default):
+    return dict(self.tuning).get(name, default)
+
+
+class ScanArgs(NamedTuple):
+  u: Any
+  delta: Any
+  A: Any
+  B: Any
+  C: Any
+  D: Any
+  z: Any
+  delta_bias: Any
+  gaps: Any
+
+
+def _backend(cfg):
+  if cfg.backend == "gpu":
+    from toppax.pallas_kernels import gpu_scan as mod
+  else:
+    from toppax.pallas_kernels import tpu_scan as mod
+  return mod
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(cfg, args):
+  y, _ = _backend(cfg).forward(cfg, args, save=False)
+  return y
+
+
+def _scan_fwd(cfg, args):
+  y, ckpt = _backend(cfg).forward(cfg, args, save=True)
+  return y, (args, ckpt)
+
+
+def _scan_bwd(cfg, res, dy):
+  args, ckpt = res
+  grads = _backend(cfg).backward(cfg, args, ckpt, dy)
+  return (grads,)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def prepare(u, delta, A, B, C, D, z, delta_bias, gaps):
+  dim = u.shape[-1]
+  D = jnp.zeros((dim,), jnp.float32) if D is None else D
+  delta_bias = jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias
+  # Gap counts are data, not parameters: they are cast once and get zero cotangents.
+  gaps = None if gaps is None else jax.lax.stop_gradient(gaps.astype(jnp.float32))
+  return ScanArgs(u, delta, A, B, C, D, z, delta_bias, gaps)
+
+
+def _spec(x):
+  return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiles(cfg, specs):
+  """Lowers and compiles both kernels once per static signature; False (and a warning) if not."""
+  mod = _backend(cfg)
+  try:
+    args = ScanArgs(*specs)
+    fwd = jax.jit(lambda a: mod.forward(cfg, a, save=True))
+    fwd.lower(args).compile()
+    y, ckpt = jax.eval_shape(lambda a: mod.forward(cfg, a, save=True), args)
+    bwd = jax.jit(lambda a, c, g: mod.backward(cfg, a, c, g))
+    bwd.lower(args, ckpt, y).compile()
+    return True
+  except Exception as e:  # any lowering/compile failure must degrade to XLA, never a wrong answer
+    log.warning("selective_scan: pallas_%s kernel failed to lower/compile for %s (%s: %s); "
+                "falling back to 'xla'", cfg.backend, specs[0], type(e).__name__, e)
+    return False
+
+
+def make_impl(backend: str, native_platforms: tuple[str, ...], default_tuning=()):
+  """The ``ops.ScanImpl`` callable for one backend, registered by ``toppax.pallas_kernels``."""
+
+  def impl(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, reverse, gaps, gap_delta,
+           interpret, tuning=None, check_lowering=True):
+    args = prepare(u, delta, A, B, C, D, z, delta_bias, gaps)
+    cfg = ScanConfig(backend=backend, delta_softplus=bool(delta_softplus), reverse=bool(reverse),
+                     gap_delta=None if gaps is None else gap_delta, has_z=z is not None,
+                     interpret=bool(interpret),
+                     tuning=tuple(sorted((tuning or dict(default_tuning)).items())))
+    if not interpret and check_lowering:
+      platform = jax.default_backend()
+      ok = platform in native_platforms and _compiles(cfg, tuple(_spec(x) for x in args))
+      if not ok:
+        if platform not in native_platforms:
+          log.warning("selective_scan: pallas_%s does not run on %s without interpret=True; "
+                      "falling back to 'xla'", backend, platform)
+        return ops._REGISTRY["xla"]()(u, delta, A, B, C, D, z, delta_bias,
+                                      delta_softplus=delta_softplus, reverse=reverse, gaps=gaps,
+                                      gap_delta=gap_delta, interpret=False)
+    return _scan(cfg, args)
+
+  return impl
+
+
+def softplus(x):
+  # Same function as ops.softplus (logaddexp(x, 0)) in the ops both Pallas backends lower.
+  return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + jnp.exp(-x))

@@ -1,0 +1,377 @@
+"""Selective scan for NVIDIA GPUs: Pallas kernels lowered through Triton (DESIGN §3).
+
+Why Triton and not Mosaic GPU: the scan is a per-thread sequential recurrence over a small
+(N, BD) state with no matrix-unit work; Triton gives each program a register tile of any
+power-of-two shape and schedules loads itself, which is what this kernel needs, while Mosaic
+GPU's Pallas dialect is built around warpgroup-wide (128-thread) arrays, TMA pipelines and
+wgmma. The Triton-lowered design measured 0.25 ms forward at the ViM-S shape on an H100 against
+an HBM floor of 0.105 ms (DESIGN §3); docs/benchmarks.md has this kernel's own numbers. The
+launchers below are the only place that names the backend, so a Mosaic GPU kernel can replace
+them behind the same ``forward``/``backward`` interface.
+
+Layout: grid (D / BD, batch); each program owns the channels [d*BD, (d+1)*BD) of one sequence,
+holds the state h (N, BD) in registers and walks the L time steps in scan order. ``reverse``
+only changes which row a scan step reads, so no flipped copies are made. Rows are read by
+indexing Refs (``u_ref[t, :]``): L is only a loop bound and need not be a power of two.
+
+Backward: the forward saves the fp32 state every K steps. The backward kernel walks chunks of
+K steps last to first; per chunk it recomputes the K states from the checkpoint into registers
+(the chunk is unrolled, so they stay registers), then runs the adjoint recurrence over them.
+dB and dC are reduced over the program's BD channels and written per channel block; dA, dD and
+d(delta_bias) per batch element; XLA sums the partials afterwards. No atomics: the gradients
+are bitwise deterministic.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+import jax.numpy as jnp
+
+from toppax.pallas_kernels.common import LOG2E, ScanArgs, sigmoid, softplus
+
+# Block of channels per program, warps per program, and the checkpoint interval K (also the
+# unrolled chunk of the backward). The forward-only kernel unrolls chunks of FWD_CHUNK steps.
+DEFAULT_TUNING = dict(block_d=32, num_warps=1, fwd_chunk=8, ckpt_every=16, bwd_block_d=32,
+                      bwd_num_warps=2)
+
+_SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
+_CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
+                                                                      "TritonCompilerParams")
+
+
+def _pow2(n):
+  return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+class _Rows:
+  """Loads and stores of one (L, BD) channels-last block, masked where the block overhangs D."""
+
+  def __init__(self, block_d, dim):
+    self.mask = None
+    if dim % block_d:
+      self.mask = pl.program_id(0) * block_d + jnp.arange(block_d) < dim
+
+  @staticmethod
+  def _view(ref, t):
+    # Masked Pallas loads index with arrays only (a Python int breaks interpret mode).
+    return ref if t is None else ref.at[jnp.asarray(t, jnp.int32)]
+
+  def load(self, ref, t=None):
+    view = self._view(ref, t)
+    if self.mask is None:
+      return view[...].astype(jnp.float32)
+    mask = jnp.broadcast_to(self.mask, view.shape)
+    return pltriton.load(view, mask=mask, other=0).astype(jnp.float32)
+
+  def store(self, ref, value, t=None):
+    view = self._view(ref, t)
+    value = value.astype(view.dtype)
+    if self.mask is None:
+      view[...] = value
+    else:
+      pltriton.store(view, value, mask=jnp.broadcast_to(self.mask, view.shape))
+
+
+def _scan_order(cfg, length):
+  return (lambda s: length - 1 - s) if cfg.reverse else (lambda s: s)
+
+
+def _step_inputs(cfg, rows, refs, t):
+  """Everything the forward recurrence reads at time t, in fp32."""
+  x = dict(u=rows.load(refs["u"], t), dr=rows.load(refs["delta"], t) + refs["bias"],
+           B=refs["B"][t, :].astype(jnp.float32))
+  if cfg.gap_delta is not None:
+    x["g"] = refs["gaps"][t]
+  return x
+
+
+def _recur(cfg, consts, h, prev_dt, x):
+  """One step of h_t = exp2((Δ_t + g_t Δ̃_t) A log2 e) h_{t-1} + Δ_t u_t B_t."""
+  dt = softplus(x["dr"]) if cfg.delta_softplus else x["dr"]
+  dec = dt
+  if cfg.gap_delta is not None:
+    tilde = prev_dt if cfg.gap_delta == "prev" else consts["tilde"]
+    dec = dt + x["g"] * tilde
+  a = jnp.exp2(consts["A2"] * dec[None, :])
+  h = a * h + x["B"][:, None] * (dt * x["u"])[None, :]
+  return h, dt, dec, a
+
+
+def _consts(cfg, rows, a_ref, d_ref, bias_ref, n):
+  A = rows.load(a_ref)                                   # (N, BD), natural A
+  consts = dict(A=A, A2=A * LOG2E, D=rows.load(d_ref), bias=rows.load(bias_ref))
+  if cfg.gap_delta == "bias":
+    consts["tilde"] = softplus(consts["bias"]) if cfg.delta_softplus else consts["bias"]
+  return consts
+
+
+def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save):
+  it = iter(refs)
+  r = dict(u=next(it), delta=next(it))
+  r["z"] = next(it) if cfg.has_z else None
+  r["B"], r["C"] = next(it), next(it)
+  r["gaps"] = next(it) if cfg.gap_delta is not None else None
+  a_ref, d_ref, bias_ref = next(it), next(it), next(it)
+  y_ref = next(it)
+  ck_ref = next(it) if save else None
+
+  rows = _Rows(block_d, dim)
+  consts = _consts(cfg, rows, a_ref, d_ref, bias_ref, n)
+  r["bias"] = consts["bias"]
+  t_of = _scan_order(cfg, length)
+
+  def run(base, steps, h, prev):
+    # Groups of 4 steps: all loads of a group are issued before its first store, so several
+    # rows are in flight while the dependent recurrence runs.
+    for g0 in range(0, steps, 4):
+      ts = [t_of(base + i) for i in range(g0, min(g0 + 4, steps))]
+      xs = [_step_inputs(cfg, rows, r, t) for t in ts]
+      cs = [r["C"][t, :].astype(jnp.float32) for t in ts]
+      zs = [rows.load(r["z"], t) for t in ts] if cfg.has_z else [None] * len(ts)
+      for t, x, c, z in zip(ts, xs, cs, zs):
+        h, prev, _, _ = _recur(cfg, consts, h, prev, x)
+        y = jnp.sum(h * c[:, None], axis=0) + consts["D"] * x["u"]
+        if z is not None:
+          y = y * z * sigmoid(z)
+        rows.store(y_ref, y, t)
+    return h, prev
+
+  head = length % chunk
+  h = jnp.zeros((n, block_d), jnp.float32)
+  prev = jnp.zeros((block_d,), jnp.float32)
+  # The partial chunk goes first in scan order, so checkpoints sit at head + c * chunk and the
+  # backward's chunks are all full and unrolled.
+  h, prev = run(0, head, h, prev)
+
+  def body(c, carry):
+    h, prev = carry
+    if save:
+      rows.store(ck_ref, h, c)
+    return run(head + c * chunk, chunk, h, prev)
+
+  jax.lax.fori_loop(0, length // chunk, body, (h, prev))
+
+
+def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
+  it = iter(refs)
+  r = dict(u=next(it), delta=next(it))
+  r["z"] = next(it) if cfg.has_z else None
+  r["B"], r["C"] = next(it), next(it)
+  r["gaps"] = next(it) if cfg.gap_delta is not None else None
+  a_ref, d_ref, bias_ref, ck_ref, dy_ref = (next(it) for _ in range(5))
+  du_ref, ddelta_ref = next(it), next(it)
+  dz_ref = next(it) if cfg.has_z else None
+  dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref = (next(it) for _ in range(5))
+  dtilde_ref = next(it) if cfg.gap_delta == "bias" else None
+
+  rows = _Rows(block_d, dim)
+  consts = _consts(cfg, rows, a_ref, d_ref, bias_ref, n)
+  r["bias"] = consts["bias"]
+  t_of = _scan_order(cfg, length)
+  prev_rule = cfg.gap_delta == "prev"
+
+  def chunk_bwd(base, steps, h0, carry):
+    # Recompute this chunk's states from its checkpoint; unrolled, so they live in registers.
+    if prev_rule:
+      if isinstance(base, int) and base == 0:
+        prev = jnp.zeros((block_d,), jnp.float32)
+      else:
+        t_prev = t_of(jnp.maximum(base - 1, 0))
+        dr = rows.load(r["delta"], t_prev) + consts["bias"]
+        prev = softplus(dr) if cfg.delta_softplus else dr
+    else:
+      prev = None
+    hs, xs = [h0], []
+    h = h0
+    for i in range(steps):
+      x = _step_inputs(cfg, rows, r, t_of(base + i))
+      h, prev, x["dec"], _ = _recur(cfg, consts, h, prev, x)
+      x["dt"] = prev
+      hs.append(h)
+      xs.append(x)
+
+    dh, gcarry, dA, dD, dbias, dtilde = carry
+    for i in reversed(range(steps)):
+      t = t_of(base + i)
+      x, h, h_prev = xs[i], hs[i + 1], hs[i]
+      dt, u, dec = x["dt"], x["u"], x["dec"]
+      c = r["C"][t, :].astype(jnp.float32)
+      dout = rows.load(dy_ref, t)
+      if cfg.has_z:
+        z = rows.load(r["z"], t)
+        sz = sigmoid(z)
+        y_pre = jnp.sum(h * c[:, None], axis=0) + consts["D"] * u
+        rows.store(dz_ref, dout * y_pre * sz * (1.0 + z * (1.0 - sz)), t)
+        dy = dout * z * sz
+      else:
+        dy = dout
+      dD = dD + dy * u
+      dh = dh + c[:, None] * dy[None, :]
+      dC_ref[t, :] = jnp.sum(h * dy[None, :], axis=1).astype(dC_ref.dtype)
+      dB_ref[t, :] = jnp.sum(dh * (dt * u)[None, :], axis=1).astype(dB_ref.dtype)
+      dbu = jnp.sum(dh * x["B"][:, None], axis=0)
+      a = jnp.exp2(consts["A2"] * dec[None, :])
+      da = dh * h_prev * a
+      dA = dA + da * dec[None, :]
+      ddec = jnp.sum(da * consts["A"], axis=0)
+      ddt = dbu * u + ddec
+      if prev_rule:
+        ddt = ddt + gcarry
+        gcarry = x["g"] * ddec               # flows to Δ of the previous step in scan order
+      elif cfg.gap_delta == "bias":
+        dtilde = dtilde + x["g"] * ddec
+      ddr = ddt * sigmoid(x["dr"]) if cfg.delta_softplus else ddt
+      dbias = dbias + ddr
+      rows.store(du_ref, dy * consts["D"] + dbu * dt, t)
+      rows.store(ddelta_ref, ddr, t)
+      dh = a * dh
+    return dh, gcarry, dA, dD, dbias, dtilde
+
+  zeros_v = jnp.zeros((block_d,), jnp.float32)
+  zeros_s = jnp.zeros((n, block_d), jnp.float32)
+  carry = (zeros_s, zeros_v, zeros_s, zeros_v, zeros_v, zeros_v)
+  head, full = length % chunk, length // chunk
+
+  def body(i, carry):
+    c = full - 1 - i
+    return chunk_bwd(head + c * chunk, chunk, rows.load(ck_ref, c), carry)
+
+  carry = jax.lax.fori_loop(0, full, body, carry)
+  _, _, dA, dD, dbias, dtilde = chunk_bwd(0, head, zeros_s, carry)
+  rows.store(dA_ref, dA)
+  rows.store(dD_ref, dD)
+  rows.store(dbias_ref, dbias)
+  if dtilde_ref is not None:
+    rows.store(dtilde_ref, dtilde)
+
+
+def _padded_state(args):
+  """A^T (N', D) and B, C with N padded to a power of two (Triton tiles); padded states stay 0."""
+  n = args.A.shape[1]
+  n2 = _pow2(n)
+  at = args.A.astype(jnp.float32).T
+  B, C = args.B, args.C
+  if n2 != n:
+    at = jnp.pad(at, ((0, n2 - n), (0, 0)))
+    B = jnp.pad(B, ((0, 0), (0, 0), (0, n2 - n)))
+    C = jnp.pad(C, ((0, 0), (0, 0), (0, n2 - n)))
+  return at, B, C, n2
+
+
+def _common_specs(cfg, length, block_d, n):
+  seq = pl.BlockSpec((_SQUEEZED, length, block_d), lambda d, b: (b, 0, d))
+  state_in = pl.BlockSpec((_SQUEEZED, length, n), lambda d, b: (b, 0, 0))
+  specs = [seq, seq] + ([seq] if cfg.has_z else []) + [state_in, state_in]
+  if cfg.gap_delta is not None:
+    specs.append(pl.BlockSpec((_SQUEEZED, length), lambda d, b: (b, 0)))
+  vec = pl.BlockSpec((block_d,), lambda d, b: (d,))
+  specs += [pl.BlockSpec((n, block_d), lambda d, b: (0, d)), vec, vec]
+  return seq, vec, specs
+
+
+def _inputs(cfg, args, at, B, C):
+  xs = [args.u, args.delta] + ([args.z] if cfg.has_z else []) + [B, C]
+  if cfg.gap_delta is not None:
+    xs.append(args.gaps)
+  return xs + [at, args.D.astype(jnp.float32), args.delta_bias.astype(jnp.float32)]
+
+
+def _nbytes(*xs):
+  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in xs))
+
+
+def forward(cfg, args, save):
+  batch, length, dim = args.u.shape
+  at, B, C, n = _padded_state(args)
+  chunk = cfg.tune("ckpt_every", DEFAULT_TUNING["ckpt_every"]) if save else cfg.tune(
+      "fwd_chunk", DEFAULT_TUNING["fwd_chunk"])
+  block_d = min(cfg.tune("block_d", DEFAULT_TUNING["block_d"]), _pow2(dim))
+  grid = (pl.cdiv(dim, block_d), batch)
+  seq, _, in_specs = _common_specs(cfg, length, block_d, n)
+  out_shape = [jax.ShapeDtypeStruct(args.u.shape, args.u.dtype)]
+  out_specs = [seq]
+  if save:
+    n_ck = max(length // chunk, 1)
+    out_shape.append(jax.ShapeDtypeStruct((batch, n_ck, n, dim), jnp.float32))
+    out_specs.append(pl.BlockSpec((_SQUEEZED, n_ck, n, block_d), lambda d, b: (b, 0, 0, d)))
+  xs = _inputs(cfg, args, at, B, C)
+  elems = batch * length * dim * n
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
+                             chunk=chunk, save=save)
+  outs = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      interpret=cfg.interpret, name="selective_scan_fwd",
+      compiler_params=_CompilerParams(num_warps=cfg.tune("num_warps",
+                                                         DEFAULT_TUNING["num_warps"]),
+                                      num_stages=1),
+      cost_estimate=pl.CostEstimate(flops=7 * elems, transcendentals=elems + 2 * elems // n,
+                                    bytes_accessed=_nbytes(*xs, *out_shape)),
+  )(*xs)
+  return outs[0], (outs[1] if save else None)
+
+
+def backward(cfg, args, ckpt, dy):
+  batch, length, dim = args.u.shape
+  n_orig = args.A.shape[1]
+  at, B, C, n = _padded_state(args)
+  chunk = cfg.tune("ckpt_every", DEFAULT_TUNING["ckpt_every"])
+  # The checkpoints were written with the forward's block_d; any block_d reads them (D is the
+  # checkpoints' last axis), so the backward picks its own.
+  block_d = min(cfg.tune("bwd_block_d", DEFAULT_TUNING["bwd_block_d"]), _pow2(dim))
+  n_d = pl.cdiv(dim, block_d)
+  grid = (n_d, batch)
+  seq, vec, in_specs = _common_specs(cfg, length, block_d, n)
+  n_ck = ckpt.shape[1]
+  in_specs += [pl.BlockSpec((_SQUEEZED, n_ck, n, block_d), lambda d, b: (b, 0, 0, d)), seq]
+  xs = _inputs(cfg, args, at, B, C) + [ckpt, dy]
+
+  f32 = jnp.float32
+  out_shape = [jax.ShapeDtypeStruct(args.u.shape, args.u.dtype),
+               jax.ShapeDtypeStruct(args.delta.shape, args.delta.dtype)]
+  out_specs = [seq, seq]
+  if cfg.has_z:
+    out_shape.append(jax.ShapeDtypeStruct(args.z.shape, args.z.dtype))
+    out_specs.append(seq)
+  part_seq = pl.BlockSpec((_SQUEEZED, _SQUEEZED, length, n), lambda d, b: (d, b, 0, 0))
+  part_vec = pl.BlockSpec((_SQUEEZED, block_d), lambda d, b: (b, d))
+  out_shape += [jax.ShapeDtypeStruct((n_d, batch, length, n), f32)] * 2
+  out_specs += [part_seq, part_seq]
+  out_shape.append(jax.ShapeDtypeStruct((batch, n, dim), f32))
+  out_specs.append(pl.BlockSpec((_SQUEEZED, n, block_d), lambda d, b: (b, 0, d)))
+  n_vec = 3 if cfg.gap_delta == "bias" else 2
+  out_shape += [jax.ShapeDtypeStruct((batch, dim), f32)] * n_vec
+  out_specs += [part_vec] * n_vec
+
+  elems = batch * length * dim * n
+  kernel = functools.partial(_bwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
+                             chunk=chunk)
+  outs = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      interpret=cfg.interpret, name="selective_scan_bwd",
+      compiler_params=_CompilerParams(num_warps=cfg.tune("bwd_num_warps",
+                                                         DEFAULT_TUNING["bwd_num_warps"]),
+                                      num_stages=1),
+      cost_estimate=pl.CostEstimate(flops=25 * elems, transcendentals=2 * elems + 4 * elems // n,
+                                    bytes_accessed=_nbytes(*xs, *out_shape)),
+  )(*xs)
+  outs = list(outs)
+  du, ddelta = outs.pop(0), outs.pop(0)
+  dz = outs.pop(0) if cfg.has_z else None
+  dB_p, dC_p, dA_p, dD_p, dbias_p = (outs.pop(0) for _ in range(5))
+  dbias = dbias_p.sum(0)
+  if cfg.gap_delta == "bias":
+    dtilde = outs.pop(0).sum(0)
+    bias = args.delta_bias.astype(f32)
+    dbias = dbias + (dtilde * sigmoid(bias) if cfg.delta_softplus else dtilde)
+  return ScanArgs(
+      u=du, delta=ddelta,
+      A=dA_p.sum(0).T[:, :n_orig].astype(args.A.dtype),
+      B=dB_p.sum((0,))[..., :n_orig].astype(args.B.dtype),
+      C=dC_p.sum((0,))[..., :n_orig].astype(args.C.dtype),
+      D=dD_p.sum(0).astype(args.D.dtype), z=dz,
+      delta_bias=dbias.astype(args.delta_bias.dtype),
+      gaps=None if args.gaps is None else jnp.zeros_like(args.gaps))
