@@ -151,6 +151,12 @@ class VisionMamba(nnx.Module):
 
   def __call__(self, images, *, return_info: bool = False):
     self._check_images(images)
+    return self._forward(images, return_info=return_info)
+
+  # Compiled as a whole: op-by-op dispatch of 2 x depth scans is slow, and under an outer jit
+  # (the functional train step) this nests at no cost.
+  @nnx.jit(static_argnames=("return_info",))
+  def _forward(self, images, *, return_info: bool = False):
     cfg, pr = self.cfg, self.pruning
     hidden = self.embed(images)
     batch, n_full = hidden.shape[0], hidden.shape[1]
