@@ -1,0 +1,267 @@
+"""Selective-scan benchmark: reference (lax.scan), xla (associative_scan) and Pallas kernels at the
+ViM-T/S/B scan shapes (batch 128, L 197, D = 2 * dim, N 16), forward and forward+backward, fp32
+and bf16, against a device-to-device copy bandwidth measured in the same run.
+
+  python -m toppax.tools.bench_scan --out /tmp/bench   # writes bench_scan.json / bench_scan.md
+
+Timing: one warm-up call compiles; then R repeats of n back-to-back calls closed by
+block_until_ready, median of the per-call times (n chosen so a repeat lasts >= 20 ms, which
+hides dispatch). "x floor" is time over the HBM floor: the fewest bytes the op must move
+(each input read once, each output written once, no saved states) at the measured copy rate.
+Accuracy: relative L2 error against the float64 "reference" run on the same device, forward and
+every gradient, at a smaller batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import toppax.pallas_kernels  # noqa: F401  registers pallas_gpu / pallas_tpu
+from toppax.ssm import ops
+
+SHAPES = {"ViM-T": 384, "ViM-S": 768, "ViM-B": 1536}
+KEYS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+LOW_PRECISION = ("u", "delta", "B", "C", "z")   # what a bf16 model feeds the scan in bf16
+
+
+def _enable_x64(on):
+  fn = getattr(jax, "enable_x64", None)
+  if fn is None:
+    from jax.experimental import enable_x64 as fn
+  return fn(on)
+
+
+def inputs(key, batch, length, dim, n, dtype):
+  ks = jax.random.split(key, 8)
+  nrm = lambda k, s: jax.random.normal(k, s, jnp.float32)
+  x = dict(u=nrm(ks[0], (batch, length, dim)), delta=0.5 * nrm(ks[1], (batch, length, dim)) - 1.0,
+           A=-jnp.exp(0.5 * nrm(ks[2], (dim, n))), B=nrm(ks[3], (batch, length, n)),
+           C=nrm(ks[4], (batch, length, n)), D=nrm(ks[5], (dim,)),
+           z=nrm(ks[6], (batch, length, dim)), delta_bias=0.5 * nrm(ks[7], (dim,)) - 1.0)
+  return {k: (v.astype(dtype) if k in LOW_PRECISION else v) for k, v in x.items()}
+
+
+def scan_fn(impl, **kw):
+  fn = ops._REGISTRY[impl]()
+
+  def f(u, delta, A, B, C, D, z, delta_bias):
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, reverse=False, gaps=None,
+              gap_delta="prev", interpret=False, **kw)
+  return f
+
+
+def fwd_bwd(f):
+  def g(args, ct):
+    y, vjp = jax.vjp(f, *args)
+    return y, vjp(ct)
+  return g
+
+
+def timeit(f, *args, min_rep_s=0.02, reps=7):
+  out = f(*args)
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  once = time.perf_counter() - t0
+  n = max(1, min(200, int(min_rep_s / max(once, 1e-6))))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      out = f(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / n)
+  return statistics.median(times) * 1e3
+
+
+def copy_bandwidth():
+  """Device-to-device streaming rate (bytes read + written per second) of a 1 GiB fp32 array."""
+  x = jnp.arange(2**28, dtype=jnp.float32)
+  f = jax.jit(lambda a: a + 1.0)
+  ms = timeit(f, x, min_rep_s=0.05)
+  return 2 * x.nbytes / (ms * 1e-3)
+
+
+def floor_bytes(batch, length, dim, n, dtype, mode):
+  """Each tensor read or written once: fwd reads u, delta, z, B, C and writes y; the backward
+  reads them again with dy and writes du, ddelta, dz, dB, dC."""
+  it = jnp.dtype(dtype).itemsize
+  seq, st = batch * length * dim * it, batch * length * n * it
+  fwd = 4 * seq + 2 * st
+  return fwd if mode == "fwd" else fwd + 7 * seq + 4 * st
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def accuracy(impl, dtype, dim, batch=8, length=197, n=16, seed=1, **kw):
+  """Relative errors of the forward and every gradient against float64 lax.scan."""
+  x = inputs(jax.random.PRNGKey(seed), batch, length, dim, n, dtype)
+  ct = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, length, dim), jnp.float32)
+  args = tuple(x[k] for k in KEYS)
+  y, g = jax.jit(fwd_bwd(scan_fn(impl, **kw)))(args, ct.astype(dtype))
+  with _enable_x64(True):
+    a64 = tuple(jnp.asarray(np.asarray(a, np.float32), jnp.float64) for a in args)
+    ref = fwd_bwd(scan_fn("reference"))
+    y64, g64 = jax.jit(ref)(a64, jnp.asarray(np.asarray(ct.astype(dtype), np.float32),
+                                             jnp.float64))
+    errs = {"y": rel(y, y64)}
+    errs.update({"d" + k: rel(a, b) for k, a, b in zip(KEYS, g, g64)})
+  finite = bool(np.all(np.isfinite(np.asarray(y, np.float32)))) and all(
+      bool(np.all(np.isfinite(np.asarray(a, np.float32)))) for a in g)
+  return errs, finite
+
+
+def versions():
+  out = {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or
+         __import__("jaxlib").__version__, "python": platform.python_version(),
+         "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
+  try:
+    import triton
+    out["triton"] = triton.__version__
+  except Exception:
+    pass
+  return out
+
+
+def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
+  x = inputs(jax.random.PRNGKey(0), batch, length, dim, n, dtype)
+  args = tuple(x[k] for k in KEYS)
+  ct = jnp.ones((batch, length, dim), dtype)
+  rows = []
+  for tun in variants:
+    try:
+      f = scan_fn("pallas_gpu", tuning=tun, check_lowering=False)
+      ms = (timeit(jax.jit(f), *args) if mode == "fwd" else
+            timeit(jax.jit(fwd_bwd(f)), args, ct))
+    except Exception as e:  # a variant that does not compile is reported, not fatal
+      ms = float("nan")
+      print(f"  variant {tun} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    print(f"  sweep {mode} {jnp.dtype(dtype).name} {tun}: {ms:.4f} ms", flush=True)
+    rows.append(dict(tuning=tun, ms=ms))
+  return rows
+
+
+FWD_VARIANTS = [dict(block_d=bd, num_warps=w, fwd_chunk=c) for bd, w, c in [
+    (32, 1, 4), (32, 1, 2), (32, 1, 8), (64, 2, 4), (128, 4, 4)]]
+BWD_VARIANTS = [dict(ckpt_every=k, bwd_block_d=bd, bwd_num_warps=w) for k, bd, w in [
+    (8, 32, 1), (4, 32, 1), (8, 16, 1), (4, 64, 2), (8, 64, 2), (4, 16, 1)]]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default=".", help="folder for bench_scan.json and bench_scan.md")
+  p.add_argument("--impl", default="pallas_gpu" if jax.default_backend() == "gpu" else
+                 "pallas_tpu")
+  p.add_argument("--shapes", default=",".join(SHAPES))
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--length", type=int, default=197)
+  p.add_argument("--sweep", action="store_true", help="time tuning variants first, use the best")
+  p.add_argument("--skip-slow", action="store_true", help="skip reference fwd+bwd timings")
+  a = p.parse_args(argv)
+  n = 16
+  info = versions()
+  print(json.dumps(info), flush=True)
+  bw = copy_bandwidth()
+  print(f"device-to-device copy: {bw / 1e9:.0f} GB/s", flush=True)
+  result = dict(versions=info, copy_GBps=bw / 1e9, batch=a.batch, length=a.length, n=n,
+                impl=a.impl, rows=[], accuracy={}, sweep={})
+
+  tuning = None
+  if a.sweep and a.impl == "pallas_gpu":
+    from toppax.pallas_kernels import gpu_scan
+    fw = sweep(jnp.float32, SHAPES["ViM-S"], FWD_VARIANTS)
+    best_f = min((r for r in fw if r["ms"] == r["ms"]), key=lambda r: r["ms"])["tuning"]
+    bw_rows = sweep(jnp.float32, SHAPES["ViM-S"], [{**best_f, **v} for v in BWD_VARIANTS],
+                    mode="fwd+bwd")
+    best_b = min((r for r in bw_rows if r["ms"] == r["ms"]), key=lambda r: r["ms"])["tuning"]
+    tuning = {**gpu_scan.DEFAULT_TUNING, **best_f, **best_b}
+    result["sweep"] = dict(fwd=fw, fwd_bwd=bw_rows, chosen=tuning)
+    print("chosen tuning:", tuning, flush=True)
+  kw = {} if tuning is None else dict(tuning=tuning)
+
+  for dname in a.dtypes.split(","):
+    dtype = jnp.dtype(dname)
+    for impl in ("xla", a.impl):
+      errs, finite = accuracy(impl, dtype, SHAPES["ViM-S"], **(kw if impl == a.impl else {}))
+      result["accuracy"][f"{impl}/{dname}"] = dict(errors=errs, finite=finite)
+      print(f"accuracy {impl} {dname} (ViM-S shape, batch 8, vs float64 lax.scan): "
+            f"max rel {max(errs.values()):.2e} finite={finite} "
+            + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+
+  for shape in a.shapes.split(","):
+    dim = 2 * {"ViM-T": 192, "ViM-S": 384, "ViM-B": 768}[shape]
+    for dname in a.dtypes.split(","):
+      dtype = jnp.dtype(dname)
+      x = inputs(jax.random.PRNGKey(0), a.batch, a.length, dim, n, dtype)
+      args = tuple(x[k] for k in KEYS)
+      ct = jax.random.normal(jax.random.PRNGKey(3), (a.batch, a.length, dim), dtype)
+      for mode in ("fwd", "fwd+bwd"):
+        base = None
+        nbytes = floor_bytes(a.batch, a.length, dim, n, dtype, mode)
+        floor_ms = nbytes / bw * 1e3
+        for impl in ("xla", "reference", a.impl):
+          if impl == "reference" and mode == "fwd+bwd" and a.skip_slow:
+            continue
+          f = scan_fn(impl, **(kw if impl == a.impl else {}))
+          try:
+            ms = (timeit(jax.jit(f), *args) if mode == "fwd" else
+                  timeit(jax.jit(fwd_bwd(f)), args, ct))
+          except Exception as e:
+            print(f"{shape} {dname} {mode} {impl} failed: {type(e).__name__}: {e}", flush=True)
+            continue
+          if impl == "xla":
+            base = ms
+          row = dict(shape=shape, D=dim, dtype=dname, mode=mode, impl=impl, ms=ms,
+                     GBps=nbytes / (ms * 1e-3) / 1e9, x_floor=ms / floor_ms,
+                     speedup_vs_assoc=(base / ms) if base else None, floor_ms=floor_ms)
+          result["rows"].append(row)
+          print(f"{shape:6s} {dname:8s} {mode:7s} {impl:10s} {ms:8.3f} ms  "
+                f"{row['GBps']:7.0f} GB/s  {row['x_floor']:6.2f}x floor  "
+                f"{(base / ms) if base else float('nan'):6.1f}x vs assoc", flush=True)
+
+  os.makedirs(a.out, exist_ok=True)
+  with open(os.path.join(a.out, "bench_scan.json"), "w") as fh:
+    json.dump(result, fh, indent=1, default=str)
+  md = markdown(result)
+  with open(os.path.join(a.out, "bench_scan.md"), "w") as fh:
+    fh.write(md)
+  print(md)
+
+
+def markdown(r):
+  v = r["versions"]
+  lines = [f"Device: {v['device']} ({v['backend']}), jax {v['jax']}, jaxlib {v['jaxlib']}"
+           + (f", triton {v['triton']}" if "triton" in v else "")
+           + f"; copy bandwidth {r['copy_GBps']:.0f} GB/s; batch {r['batch']}, L {r['length']}, "
+           f"N {r['n']}.", "",
+           "| shape | dtype | pass | impl | ms | GB/s | x HBM floor | x vs associative_scan |",
+           "|---|---|---|---|---:|---:|---:|---:|"]
+  for w in r["rows"]:
+    sp = "" if w["speedup_vs_assoc"] is None else f"{w['speedup_vs_assoc']:.1f}"
+    lines.append(f"| {w['shape']} (D={w['D']}) | {w['dtype']} | {w['mode']} | {w['impl']} | "
+                 f"{w['ms']:.3f} | {w['GBps']:.0f} | {w['x_floor']:.2f} | {sp} |")
+  lines += ["", "Accuracy (ViM-S shape, batch 8, relative L2 error vs float64 lax.scan):", "",
+            "| impl/dtype | y | " + " | ".join("d" + k for k in KEYS) + " |",
+            "|---|" + "---:|" * (len(KEYS) + 1)]
+  for name, acc in r["accuracy"].items():
+    e = acc["errors"]
+    lines.append(f"| {name} | " + " | ".join(f"{e[k]:.1e}" for k in ["y"] + ["d" + k for k in KEYS])
+                 + " |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()
