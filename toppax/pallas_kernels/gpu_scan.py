@@ -33,10 +33,13 @@ import jax.numpy as jnp
 
 from toppax.pallas_kernels.common import LOG2E, ScanArgs, sigmoid, softplus
 
+LN2 = 0.6931471805599453
+
 # Block of channels per program, warps per program, and the checkpoint interval K (also the
 # unrolled chunk of the backward). The forward-only kernel unrolls chunks of FWD_CHUNK steps.
-DEFAULT_TUNING = dict(block_d=32, num_warps=1, fwd_chunk=8, ckpt_every=16, bwd_block_d=32,
-                      bwd_num_warps=2)
+# Measured on an H100 (docs/benchmarks.md): more warps or wider blocks lose, longer chunks spill.
+DEFAULT_TUNING = dict(block_d=32, num_warps=1, fwd_chunk=4, ckpt_every=8, bwd_block_d=32,
+                      bwd_num_warps=1)
 
 _SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
 _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
@@ -102,8 +105,8 @@ def _recur(cfg, consts, h, prev_dt, x):
 
 
 def _consts(cfg, rows, a_ref, d_ref, bias_ref, n):
-  A = rows.load(a_ref)                                   # (N, BD), natural A
-  consts = dict(A=A, A2=A * LOG2E, D=rows.load(d_ref), bias=rows.load(bias_ref))
+  # Only A log2(e) is kept (registers are the backward's limit); ddec rescales by ln 2.
+  consts = dict(A2=rows.load(a_ref) * LOG2E, D=rows.load(d_ref), bias=rows.load(bias_ref))
   if cfg.gap_delta == "bias":
     consts["tilde"] = softplus(consts["bias"]) if cfg.delta_softplus else consts["bias"]
   return consts
@@ -192,6 +195,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
       h, prev, x["dec"], _ = _recur(cfg, consts, h, prev, x)
       x["dt"] = prev
       hs.append(h)
+      del x["B"]
       xs.append(x)
 
     dh, gcarry, dA, dD, dbias, dtilde = carry
@@ -213,11 +217,14 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
       dh = dh + c[:, None] * dy[None, :]
       dC_ref[t, :] = jnp.sum(h * dy[None, :], axis=1).astype(dC_ref.dtype)
       dB_ref[t, :] = jnp.sum(dh * (dt * u)[None, :], axis=1).astype(dB_ref.dtype)
-      dbu = jnp.sum(dh * x["B"][:, None], axis=0)
+      # Rows of B are reloaded (cache hits) rather than kept: an (N,) row held per step costs
+      # N registers per thread in the (N, BD) tile's layout and made the chunk spill.
+      b = r["B"][t, :].astype(jnp.float32)
+      dbu = jnp.sum(dh * b[:, None], axis=0)
       a = jnp.exp2(consts["A2"] * dec[None, :])
       da = dh * h_prev * a
       dA = dA + da * dec[None, :]
-      ddec = jnp.sum(da * consts["A"], axis=0)
+      ddec = jnp.sum(da * consts["A2"], axis=0) * LN2
       ddt = dbu * u + ddec
       if prev_rule:
         ddt = ddt + gcarry
