@@ -1,0 +1,253 @@
+"""Pallas selective-scan kernels (GPU Triton-lowered and TPU Mosaic) in interpret mode on CPU,
+against the float64 oracle (forward) and the "reference" implementation's jax.grad (gradients);
+plus dispatch/fallback and a check that the kernels lower for CUDA and TPU from this CPU machine.
+
+Interpret mode is slow, so each length carries one combination of options rather than all of
+them; together the cases cover reverse, both gap rules, D/z/delta_bias, no softplus, channel
+counts that are not a multiple of the block, multi-chunk and multi-tile lengths, and bf16.
+"""
+import logging
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import toppax.pallas_kernels  # noqa: F401  registers pallas_gpu / pallas_tpu
+from toppax.ssm import default_implementation, ops, selective_scan
+from tests import scan_utils
+
+IMPLS = ["pallas_gpu", "pallas_tpu"]
+KEYS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _case(seed, batch, length, dim, n, options, dtype=np.float32):
+  x = scan_utils.random_inputs(seed, batch, length, dim, n, dtype=dtype)
+  kw = {k: x[k] for k in ("u", "delta", "A", "B", "C")}
+  for opt, key in (("D", "D"), ("z", "z"), ("bias", "delta_bias")):
+    if opt in options or "all" in options:
+      kw[key] = x[key]
+  gaps = None
+  if "gaps" in options:
+    gaps = np.random.default_rng(seed).integers(0, 4, (batch, length))
+  return kw, gaps
+
+
+# (length, dim, options, reverse, gap_delta): each length once, options rotated over them.
+FORWARD_CASES = [
+    (1, 6, ("all",), False, "prev"),
+    (7, 6, ("D", "z"), True, "prev"),
+    (101, 40, ("all", "gaps"), False, "prev"),
+    (125, 12, ("bias", "gaps"), True, "bias"),
+    (157, 6, ("all", "gaps"), True, "prev"),
+    (197, 20, ("all", "gaps"), False, "bias"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("length,dim,options,reverse,gap_delta", FORWARD_CASES)
+def test_forward_matches_oracle(impl, length, dim, options, reverse, gap_delta):
+  kw, gaps = _case(length, 2, length, dim, 4, options)
+  ref = scan_utils.numpy_scan(**kw, reverse=reverse, gaps=gaps, gap_delta=gap_delta)
+  y = selective_scan(**{k: jnp.asarray(v) for k, v in kw.items()}, reverse=reverse,
+                     gaps=None if gaps is None else jnp.asarray(gaps), gap_delta=gap_delta,
+                     implementation=impl, interpret=True)
+  assert y.shape == ref.shape and y.dtype == jnp.float32
+  assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_softplus_and_unpadded_state(impl):
+  # N = 3 is not a power of two: the GPU kernel pads the state; D = 5 fills no block.
+  x = scan_utils.random_inputs(3, 2, 9, 5, 3)
+  x["delta"] = np.abs(x["delta"]) * 0.3
+  ref = scan_utils.numpy_scan(**x, delta_softplus=False)
+  y = selective_scan(**{k: jnp.asarray(v) for k, v in x.items()}, delta_softplus=False,
+                     implementation=impl, interpret=True)
+  assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("gap_delta", ["prev", "bias"])
+def test_gaps_equal_masked_full_length_oracle(impl, reverse, gap_delta):
+  full = scan_utils.random_inputs(11, 2, 23, 5, 4)
+  pos, gaps_f, gaps_b = scan_utils.random_keep(5, 2, 23, 9)
+  compact = {k: (np.take_along_axis(v, pos[..., None], axis=1) if v.ndim == 3 and k != "A" else v)
+             for k, v in full.items()}
+  y = selective_scan(**{k: jnp.asarray(v) for k, v in compact.items()}, reverse=reverse,
+                     gaps=jnp.asarray(gaps_b if reverse else gaps_f), gap_delta=gap_delta,
+                     implementation=impl, interpret=True)
+  oracle = scan_utils.masked_oracle(full, pos, reverse=reverse, gap_delta=gap_delta)
+  assert _rel(y, oracle) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_inputs_keep_fp32_state(impl):
+  x = scan_utils.random_inputs(4, 2, 40, 8, 4)
+  lo = {k: (jnp.asarray(v, jnp.bfloat16) if k in ("u", "delta", "B", "C", "z") else jnp.asarray(v))
+        for k, v in x.items()}
+  y = selective_scan(**lo, reverse=True, implementation=impl, interpret=True)
+  assert y.dtype == jnp.bfloat16
+  ref = scan_utils.numpy_scan(**{k: np.asarray(v, np.float32) for k, v in lo.items()},
+                              reverse=True)
+  assert _rel(y, ref) < 5e-3
+
+
+def _grads(impl, x, gaps, *, reverse, gap_delta, interpret, dtype=jnp.float32):
+  ct = jnp.asarray(np.random.default_rng(1).standard_normal(x["u"].shape), dtype)
+
+  def loss(*a):
+    y = selective_scan(*a, reverse=reverse, gaps=gaps, gap_delta=gap_delta, implementation=impl,
+                       interpret=interpret)
+    return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
+
+  return jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*[x[k] for k in KEYS])
+
+
+# (length, dim, reverse, gap_delta, with gaps): several checkpoint chunks/tiles and a partial one.
+GRAD_CASES = [
+    (13, 6, False, "prev", True),
+    (13, 6, True, "prev", True),
+    (13, 6, True, "bias", True),
+    (7, 12, False, "prev", False),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("length,dim,reverse,gap_delta,with_gaps", GRAD_CASES)
+def test_gradients_match_reference(impl, length, dim, reverse, gap_delta, with_gaps):
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(9, 2, length, dim, 4).items()}
+  gaps = jnp.asarray(np.random.default_rng(0).integers(0, 3, (2, length))) if with_gaps else None
+  g_ref = _grads("reference", x, gaps, reverse=reverse, gap_delta=gap_delta, interpret=False)
+  g = _grads(impl, x, gaps, reverse=reverse, gap_delta=gap_delta, interpret=True)
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert b.shape == a.shape and b.dtype == a.dtype, k
+    assert _rel(b, a) < 1e-5, k
+
+
+# Tunings that force many checkpoint chunks (GPU) and sequence tiles (TPU) at a short length.
+SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4, bwd_block_d=8),
+                "pallas_tpu": dict(lane_tile=128, max_seq_tile=8)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_across_many_chunks_and_tiles(impl):
+  length = 21
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(12, 2, length, 10, 4).items()}
+  gaps = jnp.asarray(np.random.default_rng(3).integers(0, 3, (2, length)))
+  fn = ops._REGISTRY[impl]()
+  ct = jnp.asarray(np.random.default_rng(1).standard_normal(x["u"].shape), jnp.float32)
+
+  def loss(name, **kw):
+    f = (lambda *a: fn(*a, delta_softplus=True, reverse=True, gaps=gaps, gap_delta="prev",
+                       interpret=True, tuning=SMALL_TUNING[impl])) if name == impl else (
+        lambda *a: selective_scan(*a, reverse=True, gaps=gaps, implementation="reference"))
+    return lambda *a: jnp.sum(f(*a) * ct)
+
+  args = [x[k] for k in KEYS]
+  g_ref = jax.jit(jax.grad(loss("reference"), argnums=tuple(range(8))))(*args)
+  g = jax.jit(jax.grad(loss(impl), argnums=tuple(range(8))))(*args)
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert _rel(b, a) < 1e-5, k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("length", [101, 125, 157, 197])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradients_match_reference_long(impl, length, reverse):
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 20, 4).items()}
+  gaps = jnp.asarray(np.random.default_rng(2).integers(0, 3, (2, length)))
+  g_ref = _grads("reference", x, gaps, reverse=reverse, gap_delta="prev", interpret=False)
+  g = _grads(impl, x, gaps, reverse=reverse, gap_delta="prev", interpret=True)
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert _rel(b, a) < 1e-5, k
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_gradients(impl):
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(6, 2, 11, 8, 4).items()}
+  lo = {k: (v.astype(jnp.bfloat16) if k in ("u", "delta", "B", "C", "z") else v)
+        for k, v in x.items()}
+  # Reference: float32 maths on the same bf16-rounded inputs.
+  up = {k: v.astype(jnp.float32) for k, v in lo.items()}
+  g_ref = _grads("reference", up, None, reverse=False, gap_delta="prev", interpret=False)
+  g = _grads(impl, lo, None, reverse=False, gap_delta="prev", interpret=True,
+             dtype=jnp.bfloat16)
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert b.dtype == lo[k].dtype, k
+    assert _rel(b, a) < 5e-3, k
+
+
+def test_default_dispatch_on_cpu_is_xla():
+  assert default_implementation("cpu") == "xla"
+  assert default_implementation("gpu") == "pallas_gpu"
+  assert default_implementation("tpu") == "pallas_tpu"
+
+
+def test_kernel_that_cannot_run_falls_back_to_xla_with_warning(caplog):
+  # On this CPU machine, pallas_gpu without interpret cannot lower: the answer must still be
+  # right (the XLA fallback) and the fall back must be logged.
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(2, 2, 8, 4, 3).items()}
+  with caplog.at_level(logging.WARNING):
+    y = selective_scan(**x, implementation="pallas_gpu")
+  assert "falling back to 'xla'" in caplog.text
+  np.testing.assert_allclose(np.asarray(y), np.asarray(selective_scan(**x, implementation="xla")),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_compile_failure_falls_back_to_xla(caplog, monkeypatch):
+  from toppax.pallas_kernels import common, gpu_scan
+
+  def broken(*a, **k):
+    raise RuntimeError("planted lowering failure")
+
+  monkeypatch.setattr(gpu_scan, "forward", broken)
+  monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
+  common._compiles.cache_clear()
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(3, 1, 5, 4, 2).items()}
+  with caplog.at_level(logging.WARNING):
+    y = ops._REGISTRY["pallas_gpu"]()(**x, delta_softplus=True, reverse=False, gaps=None,
+                                      gap_delta="prev", interpret=False)
+  common._compiles.cache_clear()
+  assert "planted lowering failure" in caplog.text
+  np.testing.assert_allclose(np.asarray(y), scan_utils.numpy_scan(**x), rtol=1e-5, atol=1e-6)
+
+
+def _export_grad(impl, platform, disabled):
+  fn = ops._REGISTRY[impl]()
+
+  def f(u, delta, A, B, C, D, z, bias, gaps):
+    def loss(*a):
+      return jnp.sum(fn(*a, delta_softplus=True, reverse=True, gaps=gaps, gap_delta="bias",
+                        interpret=False, check_lowering=False).astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=tuple(range(8)))(u, delta, A, B, C, D, z, bias)
+
+  S = jax.ShapeDtypeStruct
+  b, length, d, n = 2, 197, 200, 16
+  args = [S((b, length, d), jnp.bfloat16), S((b, length, d), jnp.bfloat16), S((d, n), jnp.float32),
+          S((b, length, n), jnp.bfloat16), S((b, length, n), jnp.bfloat16), S((d,), jnp.float32),
+          S((b, length, d), jnp.bfloat16), S((d,), jnp.float32), S((b, length), jnp.int32)]
+  exp = export.export(jax.jit(f), platforms=[platform], disabled_checks=disabled)(*args)
+  return exp.mlir_module()
+
+
+def test_gpu_kernels_lower_for_cuda():
+  # Pallas lowers to Triton IR at export time; the custom call is not on export's list of
+  # stable targets, hence the disabled checks (both names: jax 0.10 and 0.11).
+  disabled = [export.DisabledSafetyCheck.custom_call(t)
+              for t in ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")]
+  text = _export_grad("pallas_gpu", "cuda", disabled)
+  assert text.count("selective_scan_fwd") >= 1 and text.count("selective_scan_bwd") >= 1
+
+
+def test_tpu_kernels_lower_for_tpu():
+  text = _export_grad("pallas_tpu", "tpu", [])
+  assert "tpu_custom_call" in text and "selective_scan_bwd_tpu" in text
