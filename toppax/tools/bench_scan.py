@@ -171,7 +171,8 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--length", type=int, default=197)
   p.add_argument("--sweep", action="store_true", help="time tuning variants first, use the best")
-  p.add_argument("--skip-slow", action="store_true", help="skip reference fwd+bwd timings")
+  p.add_argument("--slow-shapes", default=",".join(SHAPES),
+                 help="shapes at which to time the reference (lax.scan) forward+backward")
   a = p.parse_args(argv)
   n = 16
   info = versions()
@@ -215,7 +216,7 @@ def main(argv=None):
         nbytes = floor_bytes(a.batch, a.length, dim, n, dtype, mode)
         floor_ms = nbytes / bw * 1e3
         for impl in ("xla", "reference", a.impl):
-          if impl == "reference" and mode == "fwd+bwd" and a.skip_slow:
+          if impl == "reference" and mode == "fwd+bwd" and shape not in a.slow_shapes.split(","):
             continue
           f = scan_fn(impl, **(kw if impl == a.impl else {}))
           try:
