@@ -334,3 +334,23 @@ def test_pruned_forward_static_shapes_positions_and_one_compile_per_shape(dense)
   assert np.isfinite(np.asarray(logits)).all()
   assert np.abs(np.asarray(logits) - dense_logits).max() > 1e-4
   assert np.abs(np.asarray(logits) - np.asarray(logits2)).max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["l1", "l2", "l3"])
+def test_configs_build_the_model_and_the_top_schedule(variant):
+  import importlib
+  from toppax.tools.flops import PLAINMAMBA_TOP_SCHEDULES
+  module = importlib.import_module(f"configs.plainmamba_{variant}")
+  name = f"plainmamba_{variant}"
+  dense, top = module.get_config(), module.get_config("top")
+  assert not dense.pruning.enabled and top.pruning.enabled and top.pruning.alignment
+  assert (tuple(top.pruning.layers), tuple(top.pruning.keep_ratio)) == tuple(
+      tuple(x) for x in PLAINMAMBA_TOP_SCHEDULES[name])
+  assert not module.get_config("removal").pruning.alignment
+  p = top.pruning
+  cfg = PruneConfig(layers=p.layers, keep_ratio=p.keep_ratio, alignment=p.alignment)
+  overrides = {k: v for k, v in top.model.items() if k != "name" and v is not None}
+  model = nnx.eval_shape(lambda: create(top.model.name, pruning=cfg, **overrides))
+  assert model.cfg.num_layers == {"l1": 24, "l2": 24, "l3": 36}[variant]
+  with pytest.raises(ValueError, match="unknown config argument"):
+    module.get_config("tpo")

@@ -1,0 +1,21 @@
+"""PlainMamba-L2 on ImageNet-1k, the official recipe; `top` is ToP fine-tuning.
+
+Train from scratch (plain_mamba_configs/plain_mamba_l2_in1k_300e.py; expected top-1 81.6% as the
+PlainMamba paper, 8.1 GFLOPs, 26.1M parameters):
+  python -m toppax.main --config=configs/plainmamba_l2.py --workdir=/tmp/plainmamba_l2
+
+ToP fine-tuning from the official dense checkpoint (30 epochs, lr 5e-6 at batch 512, wd 1e-8,
+drop-path 0), pruning after layers (4, 8, 12) with keep ratio 0.65: tokens 196 -> 128 -> 84 -> 55,
+4.72 (-41.6%; 4.96 counting the alignment decay) GFLOPs:
+  python -m toppax.main --config=configs/plainmamba_l2.py:top --workdir=/tmp/plainmamba_l2_top \
+    --config.init_from=/path/to/plainmamba_l2_official.pth
+
+The schedule lives in toppax.tools.flops.PLAINMAMBA_TOP_SCHEDULES (docs/flops.md); `:removal` is
+the same schedule without alignment. Evaluate: `--mode=eval`; FLOPs: `--mode=flops`; throughput:
+`:bench --mode=bench`. Other arguments: `res=384`, `folder=DIR`, `data_dir=DIR`, `runlocal`.
+"""
+from configs import _plainmamba
+
+
+def get_config(arg=None):
+  return _plainmamba.get_config("plainmamba_l2", arg)
