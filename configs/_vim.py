@@ -1,0 +1,46 @@
+"""The one body behind configs/vim_{t,s,b}.py (they differ in the model name only)."""
+from __future__ import annotations
+
+from configs import common
+
+
+def get_config(model_name, arg=None):
+  a = common.parse_arg(arg, runlocal=False, top=False, removal=False, evit=False, bench=False,
+                       res=224, folder="", data_dir="")
+  c = common.base_config()
+  c.model.name = model_name
+  c.model.img_size = a.res
+  if model_name == "vim_b":
+    c.model.drop_path_rate = 0.5    # Vim's ViM-B recipe; T and S use 0.1 (Vim README)
+  variant = "top" if a.top else "removal" if a.removal else "evit" if a.evit else ""
+  if variant:
+    c = common.apply_top_finetune(c, model_name, variant)
+  if a.folder:
+    # Any class-per-folder tree: <folder>/train/<class>/* and <folder>/val/<class>/*.
+    c.data.source = "folder"
+    c.data.train_dir = f"{a.folder}/train"
+    c.data.eval_dir = f"{a.folder}/val"
+  if a.data_dir:
+    c.data.data_dir = a.data_dir
+  if a.bench:
+    c.bench.devices = (1, 0)        # one device, then all local devices (data parallel)
+  if a.runlocal:
+    # A seconds-long smoke run on CPU: random-init model, tiny shapes, folder or tfds data.
+    c.model.img_size = 32
+    c.model.patch_size = 8
+    c.model.depth = 4
+    c.model.embed_dim = 64
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.total_steps = 10
+    c.log_every = 2
+    c.checkpoint_every = 5
+    c.data.eval_examples = 64
+    c.data.workers = 2
+    c.ema_decay = 0.9
+    if c.pruning.enabled:
+      c.pruning.layers = (2,)
+    c.bench.batch_sizes = (8,)
+    c.bench.dtypes = ("float32",)
+    c.bench.repeats = 3
+  return c

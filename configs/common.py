@@ -1,0 +1,150 @@
+"""Shared config pieces: argument parsing (big_vision's ``parse_arg``), the base recipe, pruning.
+
+A config is ``get_config(arg)`` returning an ``ml_collections.ConfigDict``; ``arg`` is a comma
+list such as ``"runlocal,top,res=384"``. Everything a run reads is declared here, so a typo in
+``--config.x=...`` fails under ``lock_config=True`` instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg, lazy=False, **spec):
+  """``parse_arg("top,res=384", top=False, res=224, runlocal=False)`` -> ConfigDict.
+
+  Flags without ``=`` are booleans set to True; values are cast to the type of their default.
+  Unknown names raise (``lazy=False``), so ``vim_s.py:tpo`` fails loudly.
+  """
+  out = ml_collections.ConfigDict(spec)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    if key not in spec:
+      if lazy:
+        out[key] = value if eq else True
+        continue
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(spec)}")
+    default = spec[key]
+    if not eq:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes", "y")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def pruning(enabled=False, layers=(5, 10, 15), keep_ratio=0.8, importance="clip",
+            alignment=True, cls_mode="keep_position", fused_token=False, gap_delta="prev"):
+  """``toppax.pruning.PruneConfig`` as plain fields (built by ``train.prune_config``)."""
+  return ml_collections.ConfigDict(dict(
+      enabled=enabled, layers=tuple(layers), keep_ratio=keep_ratio, importance=importance,
+      alignment=alignment, cls_mode=cls_mode, fused_token=fused_token, gap_delta=gap_delta))
+
+
+def paper_pruning(model_name, variant="top"):
+  """The paper's schedule (PruneConfig.paper) with ToP, plain removal or EViT's fused token."""
+  from toppax.pruning import PruneConfig
+  p = PruneConfig.paper(model_name)
+  return pruning(enabled=True, layers=p.layers, keep_ratio=p.keep_ratio,
+                 alignment=(variant == "top"), fused_token=(variant == "evit"))
+
+
+def base_config():
+  """DeiT / Vim recipe defaults (Vim's main.py: AdamW lr 5e-4 at batch 512, wd 0.05, 300 epochs,
+  5 warm-up epochs, label smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment m9 n2, EMA)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.multihost = False   # jax.distributed.initialize() (also when TOPPAX_MULTIHOST=1)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "vim_s"
+  c.model.img_size = 224
+  c.model.patch_size = 16
+  c.model.depth = config_dict.placeholder(int)       # None: the variant's own
+  c.model.embed_dim = config_dict.placeholder(int)
+  c.model.d_state = config_dict.placeholder(int)
+  c.model.drop_path_rate = 0.1
+  c.model.dtype = "float32"                          # activations; params stay fp32
+  c.model.scan_implementation = config_dict.placeholder(str)
+  c.pruning = pruning()
+  c.init_from = ""         # official .pth / npz state dict (toppax.convert.from_torch), or ""
+
+  c.data = ml_collections.ConfigDict()
+  # "digits" (scikit-learn, embedded), "folder" (class-per-folder tree), "tfds" (tensorflow-datasets).
+  c.data.source = "tfds"
+  c.data.name = "imagenet2012"    # tfds name
+  c.data.data_dir = config_dict.placeholder(str)    # tfds data_dir
+  c.data.train_dir = ""           # folder source: train/<class>/*.jpg (or a .zip of it)
+  c.data.eval_dir = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.num_classes = 1000
+  c.data.eval_examples = 0        # 0: all; >0: the first N (smoke runs)
+  c.data.mean = (0.485, 0.456, 0.406)
+  c.data.std = (0.229, 0.224, 0.225)
+  c.data.workers = 8              # host threads decoding images
+  c.data.prefetch = 2             # batches decoded ahead of the train step
+
+  c.aug = ml_collections.ConfigDict()
+  c.aug.crop_scale = (0.08, 1.0)  # random-resized-crop area range; (1, 1): none
+  c.aug.flip = True
+  c.aug.randaug_layers = 2        # RandAugment n
+  c.aug.randaug_magnitude = 9     # RandAugment m (of 10)
+  c.aug.mixup = 0.8
+  c.aug.cutmix = 1.0
+  c.aug.mix_prob = 1.0
+  c.aug.switch_prob = 0.5
+  c.aug.label_smoothing = 0.1
+  c.aug.eval_crop = 0.875         # eval: resize to img/0.875, centre crop (DeiT)
+
+  c.batch_size = 1024             # global
+  c.eval_batch_size = 256
+  c.num_epochs = 300
+  c.total_steps = 0               # >0 overrides num_epochs (smoke tests)
+  c.lr = 5e-4                     # at batch 512, scaled linearly to batch_size
+  c.lr_base_batch = 512
+  c.min_lr = 1e-5
+  c.warmup_epochs = 5
+  c.weight_decay = 0.05
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.grad_clip = 0.0               # 0: off (Vim's recipe has none; set for ToP fine-tuning)
+  c.ema_decay = 0.99996           # 0: no EMA
+  c.eval_ema = True
+
+  c.log_every = 50
+  c.eval_every_epochs = 5         # 0: only at the end
+  c.checkpoint_every = 1000       # steps
+  c.keep_checkpoints = 3
+  c.compare = ()                  # after training: evaluate these variants side by side
+  c.max_steps_per_run = 0         # >0: stop after this many steps in this process (tests)
+
+  c.bench = ml_collections.ConfigDict()
+  c.bench.batch_sizes = (128, 256)
+  c.bench.dtypes = ("bfloat16", "float32")
+  c.bench.variants = ("dense", "top")
+  c.bench.train = True            # also time one data-parallel train step
+  c.bench.devices = (0,)          # device counts for the train step; 0 = all local devices
+  c.bench.repeats = 10
+  c.bench.warmup = 2
+  return c
+
+
+def apply_top_finetune(c, model_name, variant="top"):
+  """ToP fine-tuning (paper §4.1): from a dense checkpoint, 30 epochs, lr 5e-6 at batch 512
+  scaled linearly, weight decay 1e-8, drop-path 0, the paper's pruning schedule."""
+  c.pruning = paper_pruning(model_name, variant)
+  c.num_epochs = 30
+  c.lr = 5e-6
+  c.min_lr = 1e-6
+  c.warmup_epochs = 0
+  c.weight_decay = 1e-8
+  c.model.drop_path_rate = 0.0
+  c.grad_clip = 1.0
+  c.batch_size = 512
+  return c
