@@ -20,6 +20,7 @@ written per channel tile; XLA sums the partials. Deterministic, no atomics.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -330,9 +331,8 @@ def backward(cfg, args, ckpt, dy):
   xs = _padded(cfg, args, g)
   tile_of = _tile_of(cfg, g["n_l"])
   # The adjoint visits tiles in reverse scan order.
-  bwd_tile = _tile_of(dataclass_replace(cfg, reverse=not cfg.reverse), g["n_l"])
-  seq, specs = _in_specs(cfg, g, bwd_tile)
-  seq_b = seq
+  bwd_tile = _tile_of(dataclasses.replace(cfg, reverse=not cfg.reverse), g["n_l"])
+  seq_b, specs = _in_specs(cfg, g, bwd_tile)
   names = [k for k in _ORDER if k in xs]
   f32 = jnp.float32
   ck_spec = pl.BlockSpec((_SQUEEZED, _SQUEEZED, g["n"], g["lane"]),
@@ -388,8 +388,3 @@ def backward(cfg, args, ckpt, dy):
       D=dD_p.sum((0, 1))[:D].astype(args.D.dtype), z=dz,
       delta_bias=dbias.astype(args.delta_bias.dtype),
       gaps=None if args.gaps is None else jnp.zeros_like(args.gaps))
-
-
-def dataclass_replace(cfg, **kw):
-  import dataclasses
-  return dataclasses.replace(cfg, **kw)

@@ -173,8 +173,19 @@ def main(argv=None):
   p.add_argument("--sweep", action="store_true", help="time tuning variants first, use the best")
   p.add_argument("--slow-shapes", default=",".join(SHAPES),
                  help="shapes at which to time the reference (lax.scan) forward+backward")
+  p.add_argument("--profile-once", action="store_true",
+                 help="run the kernels once at the first shape and dtype (for ncu), then exit")
   a = p.parse_args(argv)
   n = 16
+  if a.profile_once:
+    dim = 2 * {"ViM-T": 192, "ViM-S": 384, "ViM-B": 768}[a.shapes.split(",")[0]]
+    dtype = jnp.dtype(a.dtypes.split(",")[0])
+    x = inputs(jax.random.PRNGKey(0), a.batch, a.length, dim, n, dtype)
+    args = tuple(x[k] for k in KEYS)
+    f = scan_fn(a.impl, check_lowering=False)
+    jax.block_until_ready(jax.jit(f)(*args))
+    jax.block_until_ready(jax.jit(fwd_bwd(f))(args, jnp.ones(x["u"].shape, dtype)))
+    return
   info = versions()
   print(json.dumps(info), flush=True)
   bw = copy_bandwidth()
