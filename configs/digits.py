@@ -15,7 +15,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, runlocal=False, top=False, epochs=30)
+  a = common.parse_arg(arg, runlocal=False, top=False, epochs=15)
   c = common.base_config()
   c.model.name = "vim_t"
   c.model.img_size = 16

@@ -1,0 +1,113 @@
+"""Training recipe pieces and an end-to-end smoke run on the embedded digits data."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits, vim_s
+from toppax import augment, train
+
+
+def test_lr_schedule_scales_with_batch_and_warms_up():
+  c = vim_s.get_config()
+  c.batch_size = 1024
+  s = train.lr_schedule(c, steps_per_epoch=100, total_steps=1000)
+  assert train.peak_lr(c) == pytest.approx(1e-3)            # 5e-4 at 512, linear scaling
+  assert float(s(0)) == 0.0
+  assert float(s(250)) == pytest.approx(0.5e-3, rel=1e-5)    # halfway through 5 warm-up epochs
+  assert float(s(500)) == pytest.approx(1e-3, rel=1e-5)
+  assert float(s(1000)) == pytest.approx(c.min_lr, rel=1e-5)
+  top = vim_s.get_config("top")
+  assert train.peak_lr(top) == pytest.approx(5e-6)           # ToP fine-tuning at batch 512
+  assert (top.weight_decay, top.model.drop_path_rate, top.num_epochs) == (1e-8, 0.0, 30)
+
+
+def test_weight_decay_mask_follows_timm():
+  params = {"pos_embed": jnp.zeros((1, 5, 4)), "cls_token": jnp.zeros((1, 1, 4)),
+            "head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros((3,))},
+            "layers": {0: {"mixer": {"A_log": jnp.zeros((8, 2)), "D": jnp.zeros((8,))}}}}
+  m = train.weight_decay_mask(params)
+  assert m == {"pos_embed": False, "cls_token": False, "head": {"kernel": True, "bias": False},
+               "layers": {0: {"mixer": {"A_log": True, "D": False}}}}
+
+
+def test_prune_config_from_plain_fields():
+  c = vim_s.get_config("top")
+  p = train.prune_config(c)
+  assert (p.layers, p.keep_ratio, p.alignment, p.fused_token) == ((5, 10, 15), 0.8, True, False)
+  assert train.prune_config(vim_s.get_config()) is None
+  assert train.prune_config(c, "removal").alignment is False
+  assert train.prune_config(vim_s.get_config("evit")).fused_token is True
+  assert train.prune_config(c, "dense") is None
+
+
+def test_mixup_cutmix_targets_are_distributions():
+  key = jax.random.key(0)
+  images = jax.random.uniform(key, (8, 16, 16, 3))
+  targets = augment.smooth_one_hot(jnp.arange(8) % 10, 10, 0.1)
+  assert float(targets[0, 0]) == pytest.approx(0.91) and float(targets[0, 1]) == pytest.approx(0.01)
+  for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+    x, t = augment.mix(jax.random.key(3), images, targets, mixup=mixup, cutmix=cutmix, prob=1.0,
+                       switch_prob=0.5)
+    np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
+    lam = float(t[0, 0] - 0.01) / 0.9                    # the weight of sample 0's own label
+    assert 0.0 <= lam <= 1.0
+    if cutmix and not mixup:
+      # Cutmix pastes pixels: each pixel comes from the image or its partner, and the kept
+      # fraction is exactly lambda.
+      own = np.isclose(np.asarray(x[0]), np.asarray(images[0])).all(-1)
+      assert own.mean() == pytest.approx(lam, abs=1e-6)
+
+
+def test_rand_augment_is_deterministic_and_in_range():
+  images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+  a = augment.rand_augment(jax.random.key(2), images, num_layers=2, magnitude=9)
+  b = augment.rand_augment(jax.random.key(2), images, num_layers=2, magnitude=9)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == images.shape and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+  assert not np.allclose(a, images)
+
+
+def test_nonfinite_guard_names_the_step():
+  recs = [{"loss": 1.0, "grad_norm": 1.0}, {"loss": float("nan"), "grad_norm": 1.0}]
+  with pytest.raises(FloatingPointError, match=r"at step 12 .*steps 11\.\.12"):
+    train._check_finite(recs, 10)
+  train._check_finite(recs[:1], 10)
+
+
+def _tiny(config):
+  config.model.depth, config.model.embed_dim, config.model.d_state = 2, 32, 4
+  config.pruning.layers = (1, 2)
+  config.aug.randaug_layers = 0     # RandAugment doubles compile time; tested on its own above
+  config.data.workers = 1
+  return config
+
+
+def test_train_smoke_writes_metrics_checkpoints_and_the_comparison(tmp_path):
+  c = _tiny(digits.get_config("runlocal"))
+  c.total_steps, c.log_every, c.checkpoint_every = 12, 4, 6
+  c.compare = ("dense", "top")
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(c, workdir)
+  # Twelve steps on digits are far above chance (10%) for the raw parameters.
+  assert result["eval/top1"] > 0.3 and result["eval/count"] == 100
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["depth"] == 2
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [4, 8, 12]
+  assert all(math.isfinite(r["train/loss"]) and r["train/img_per_s"] > 0 for r in train_rows)
+  assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
+  assert any(n.startswith("events.out.tfevents") for n in
+             os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit()) == [6, 12]
+  dense, top = result["compare"]
+  assert (dense["tokens"], top["tokens"]) == ("17", "17 -> 13 -> 9")
+  assert 0 < top["gflops"] < dense["gflops"]
+  assert dense["top1"] == pytest.approx(result["eval_ema/top1"])   # compare uses the EMA
+  table = open(os.path.join(workdir, "compare.md")).read()
+  assert "| top | 17 -> 13 -> 9 |" in table

@@ -1,0 +1,157 @@
+"""Checkpoints: an orbax ``CheckpointManager`` over ``{state, meta}``.
+
+``state`` is the whole train state pytree (params, optimizer state, EMA, step, the model's RNG
+streams); ``meta`` is JSON with the step, the data-iterator position (the step: batches are a
+pure function of (seed, step), toppax.input_pipeline) and the model config it was written for.
+Resume is automatic from ``<workdir>/checkpoints``. A checkpoint that cannot be read, or whose
+arrays do not fit the configured model, raises ``CheckpointError``: never a silent restart.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class _DropOrbaxInfo(logging.Filter):
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax():
+  """Drops orbax's INFO records (dozens per save) from the absl/root log handlers."""
+  for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    if not any(isinstance(f, _DropOrbaxInfo) for f in h.filters):
+      h.addFilter(_DropOrbaxInfo())
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint in the workdir is corrupt or does not match the config."""
+
+
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_savable(tree):
+  # Typed PRNG keys (the model's dropout streams) are stored as their raw uint32 data.
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_savable(abstract):
+  def conv(x):
+    if _is_key(x):
+      data = jax.eval_shape(jax.random.key_data, x)
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+    return x
+  return jax.tree.map(conv, abstract)
+
+
+def _from_savable(tree, abstract):
+  def conv(x, a):
+    if _is_key(a):
+      # The abstract target holds only the key dtype; its implementation (threefry, rbg, ...)
+      # is what the stored data must be wrapped back into.
+      impl = jax.random.key_impl(a) if isinstance(a, jax.Array) else a.dtype._impl
+      return jax.random.wrap_key_data(x, impl=impl)
+    return x
+  return jax.tree.map(conv, tree, abstract)
+
+
+def _path(path) -> str:
+  # orbax's metadata spells list/tuple/namedtuple entries as string dict keys: compare by name.
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+  return "/".join(parts)
+
+
+def _flatten(tree) -> dict:
+  return {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shape_mismatches(stored, abstract) -> list[str]:
+  """Paths whose stored shape differs from the configured one, plus missing/extra paths."""
+  flat_s, flat_a = _flatten(stored), _flatten(abstract)
+  out = [f"{k}: in checkpoint, not in the model" for k in sorted(set(flat_s) - set(flat_a))]
+  out += [f"{k}: in the model, not in checkpoint" for k in sorted(set(flat_a) - set(flat_s))]
+  for k in sorted(set(flat_s) & set(flat_a)):
+    s, a = flat_s[k], flat_a[k]
+    if tuple(getattr(s, "shape", ())) != tuple(a.shape):
+      out.append(f"{k}: checkpoint {tuple(s.shape)} vs config {tuple(a.shape)}")
+  return out
+
+
+class Checkpointer:
+  """Saves every ``every`` steps (and when forced), keeps the last ``keep``."""
+
+  def __init__(self, directory: str, *, keep: int = 3, every: int = 1000):
+    quiet_orbax()
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=max(1, every), create=True,
+        # Synchronous: a save is on disk before the next step; an interrupted one leaves only a
+        # temporary directory, which orbax never lists as a step.
+        enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+    if step == self.latest_step():
+      return False
+    saved = self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_savable(state)), meta=ocp.args.JsonSave(meta)),
+        force=force)
+    if saved:
+      logging.info("saved checkpoint %d in %s", step, self.directory)
+    return saved
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, meta) of ``step`` (default: the latest), sharded like ``abstract_state``."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    where = os.path.join(self.directory, str(step))
+    hint = (f"Move {where} away to resume from an earlier step, or use a new --workdir to start "
+            "afresh (nothing is restarted silently).")
+    target = _abstract_savable(abstract_state)
+    try:
+      stored = self.manager.item_metadata(step)["state"]
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {where} is unreadable (corrupt or incomplete): "
+                            f"{type(e).__name__}: {e}. {hint}") from e
+    if stored is None:
+      raise CheckpointError(f"checkpoint {where} has no 'state' item (corrupt or not a toppax "
+                            f"checkpoint). {hint}")
+    bad = _shape_mismatches(stored, target)
+    if bad:
+      shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+      raise CheckpointError(f"checkpoint {where} does not match the configured model/optimizer:"
+                            f"\n  {shown}\n{hint}")
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      state = _from_savable(out["state"], abstract_state)
+      # Force a full read now, so a truncated array file fails here and not mid-training.
+      jax.block_until_ready(state)
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {where} could not be restored: "
+                            f"{type(e).__name__}: {e}. {hint}") from e
+    meta = out["meta"] or {}
+    if meta.get("step", step) != step:
+      raise CheckpointError(f"checkpoint {where} says step {meta.get('step')} in its metadata "
+                            f"but is stored as step {step}. {hint}")
+    return state, meta
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

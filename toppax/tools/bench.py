@@ -1,0 +1,153 @@
+"""``--mode=bench``: inference and train-step throughput of dense and pruned models.
+
+For every variant (``config.bench.variants``: dense, top, removal, evit), dtype and batch size:
+inference img/s of the jitted forward on one device, and train-step img/s of the full data-
+parallel step (toppax.train: augmentation, forward, backward, AdamW, EMA) on the mesh of the
+first k devices for each k in ``config.bench.devices`` (0 = all local devices; the per-device
+batch is fixed, so k devices process k times the batch). Warm-up (compilation) is excluded,
+every timing ends in ``block_until_ready``, the figure is the median over ``repeats``. Results
+go to ``<workdir>/bench.json`` and ``bench.md`` with the device and library versions.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def time_call(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
+  """Median wall seconds of ``fn(*args)`` (results blocked on), after ``warmup`` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def versions() -> dict:
+  import flax
+  import jaxlib
+  import optax
+
+  import toppax
+  return {"toppax": toppax.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "python": platform.python_version()}
+
+
+def _variant_config(config, dtype):
+  c = copy.deepcopy(config)
+  c.model.dtype = dtype
+  return c
+
+
+def _synthetic_batch(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  size = config.model.img_size
+  return {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+          "label": rng.integers(0, config.data.num_classes, (n,), dtype=np.int32)}
+
+
+def bench_inference(config, variant, batch_size, repeats, warmup) -> float:
+  from flax import nnx
+
+  from toppax import augment, train
+  pruning = train.prune_config(config, variant)
+  model = train.create_model(config, pruning=pruning)
+  model.eval()
+  graphdef, params, rngs = nnx.split(model, nnx.Param, ...)
+  images = jnp.asarray(augment.normalize(
+      jnp.asarray(_synthetic_batch(config, batch_size)["image"]), config.data.mean,
+      config.data.std))
+  f = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x))
+  t = time_call(f, params.to_pure_dict(), rngs.to_pure_dict(), images, repeats=repeats,
+                warmup=warmup)
+  return batch_size / t
+
+
+def bench_train_step(config, variant, per_device_batch, num_devices, repeats, warmup) -> float:
+  from toppax import sharding, train
+  c = copy.deepcopy(config)
+  p = train.prune_config(c, variant)
+  c.pruning.enabled = p is not None
+  if p is not None:
+    c.pruning.alignment, c.pruning.fused_token = p.alignment, p.fused_token
+  mesh = sharding.make_mesh(num_devices)
+  n = mesh.devices.size
+  c.batch_size = per_device_batch * n
+  schedule = train.lr_schedule(c, 100, 1000)
+  tx = train.make_optimizer(c, schedule)
+  defs = train.model_defs(c)
+  state = train.init_state(c, defs, tx, mesh)
+  step = train.make_train_step(c, defs, tx, schedule, mesh)
+  batch = sharding.to_global(_synthetic_batch(c, c.batch_size), mesh)
+  for _ in range(warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready((state, m))
+    times.append(time.perf_counter() - t)
+  return c.batch_size / statistics.median(times)
+
+
+def run(config, workdir: str | None = None) -> dict:
+  b = config.bench
+  devices = jax.devices()
+  result = {"model": config.model.name, "img_size": config.model.img_size,
+            "backend": jax.default_backend(), "device": devices[0].device_kind,
+            "local_devices": jax.local_device_count(), "versions": versions(),
+            "repeats": b.repeats, "warmup": b.warmup, "rows": []}
+  for dtype in b.dtypes:
+    c = _variant_config(config, dtype)
+    for variant in b.variants:
+      for bs in b.batch_sizes:
+        row = {"variant": variant, "dtype": dtype, "batch_per_device": bs,
+               "infer_img_per_s": bench_inference(c, variant, bs, b.repeats, b.warmup)}
+        if b.train:
+          for k in b.devices:
+            k = k or len(devices)
+            row[f"train_img_per_s_{k}dev"] = bench_train_step(c, variant, bs, k, b.repeats,
+                                                              b.warmup)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+  table = format_markdown(result)
+  print(table, flush=True)
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "bench.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    with open(os.path.join(workdir, "bench.md"), "w") as f:
+      f.write(table + "\n")
+  return result
+
+
+def format_markdown(result) -> str:
+  rows = result["rows"]
+  train_cols = sorted({k for r in rows for k in r if k.startswith("train_img_per_s_")},
+                      key=lambda k: int(k.rsplit("_", 1)[1][:-3]))
+  head = ["variant", "dtype", "batch/device", "inference img/s"] + [
+      f"train img/s ({k.rsplit('_', 1)[1][:-3]} dev)" for k in train_cols]
+  lines = [f"{result['model']} @ {result['img_size']}px on {result['local_devices']} x "
+           f"{result['device']} ({result['backend']}); "
+           + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+           "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for r in rows:
+    cells = [r["variant"], r["dtype"], str(r["batch_per_device"]), f"{r['infer_img_per_s']:.1f}"]
+    cells += [f"{r[k]:.1f}" if k in r else "" for k in train_cols]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append(f"median of {result['repeats']} timed calls after {result['warmup']} warm-up "
+               "calls, block_until_ready; train = full data-parallel step.")
+  return "\n".join(lines)
