@@ -221,33 +221,40 @@ def test_compile_failure_falls_back_to_xla(caplog, monkeypatch):
   np.testing.assert_allclose(np.asarray(y), scan_utils.numpy_scan(**x), rtol=1e-5, atol=1e-6)
 
 
-def _export_grad(impl, platform, disabled):
+# (dtype, N, with z, gap rule, reverse): ViM's bf16 call, and fp32 with a padded state and no gate.
+EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True), (jnp.float32, 3, False, "prev", False)]
+
+
+def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse):
   fn = ops._REGISTRY[impl]()
 
   def f(u, delta, A, B, C, D, z, bias, gaps):
     def loss(*a):
-      return jnp.sum(fn(*a, delta_softplus=True, reverse=True, gaps=gaps, gap_delta="bias",
+      return jnp.sum(fn(*a, delta_softplus=True, reverse=reverse, gaps=gaps, gap_delta=gap_delta,
                         interpret=False, check_lowering=False).astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=tuple(range(8)))(u, delta, A, B, C, D, z, bias)
 
   S = jax.ShapeDtypeStruct
-  b, length, d, n = 2, 197, 200, 16
-  args = [S((b, length, d), jnp.bfloat16), S((b, length, d), jnp.bfloat16), S((d, n), jnp.float32),
-          S((b, length, n), jnp.bfloat16), S((b, length, n), jnp.bfloat16), S((d,), jnp.float32),
-          S((b, length, d), jnp.bfloat16), S((d,), jnp.float32), S((b, length), jnp.int32)]
+  b, length, d = 2, 197, 200     # D = 200 overhangs the GPU's 32-channel blocks
+  seq = S((b, length, d), dtype)
+  args = [seq, seq, S((d, n), jnp.float32), S((b, length, n), dtype), S((b, length, n), dtype),
+          S((d,), jnp.float32), seq if with_z else None, S((d,), jnp.float32),
+          S((b, length), jnp.int32)]
   exp = export.export(jax.jit(f), platforms=[platform], disabled_checks=disabled)(*args)
   return exp.mlir_module()
 
 
-def test_gpu_kernels_lower_for_cuda():
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_gpu_kernels_lower_for_cuda(case):
   # Pallas lowers to Triton IR at export time; the custom call is not on export's list of
   # stable targets, hence the disabled checks (both names: jax 0.10 and 0.11).
   disabled = [export.DisabledSafetyCheck.custom_call(t)
               for t in ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")]
-  text = _export_grad("pallas_gpu", "cuda", disabled)
+  text = _export_grad("pallas_gpu", "cuda", disabled, *case)
   assert text.count("selective_scan_fwd") >= 1 and text.count("selective_scan_bwd") >= 1
 
 
-def test_tpu_kernels_lower_for_tpu():
-  text = _export_grad("pallas_tpu", "tpu", [])
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_tpu_kernels_lower_for_tpu(case):
+  text = _export_grad("pallas_tpu", "tpu", [], *case)
   assert "tpu_custom_call" in text and "selective_scan_bwd_tpu" in text
