@@ -93,12 +93,13 @@ def _spec(x):
 
 @functools.lru_cache(maxsize=256)
 def _compiles(cfg, specs):
-  """Lowers and compiles both kernels once per static signature; False (and a warning) if not."""
+  """Lowers and compiles all three kernels (inference forward, training forward, backward) once
+  per static signature; False (and a warning) if any fails."""
   mod = _backend(cfg)
   try:
     args = ScanArgs(*specs)
-    fwd = jax.jit(lambda a: mod.forward(cfg, a, save=True))
-    fwd.lower(args).compile()
+    for save in (False, True):
+      jax.jit(lambda a, save=save: mod.forward(cfg, a, save=save)).lower(args).compile()
     y, ckpt = jax.eval_shape(lambda a: mod.forward(cfg, a, save=True), args)
     bwd = jax.jit(lambda a, c, g: mod.backward(cfg, a, c, g))
     bwd.lower(args, ckpt, y).compile()
