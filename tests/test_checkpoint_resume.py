@@ -16,11 +16,11 @@ from toppax import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 48
-# A 2-block ViM on digits; no RandAugment (it only lengthens compilation); drop-path on, so the
+# A 1-block ViM on digits; no RandAugment (it only lengthens compilation); drop-path on, so the
 # model's RNG stream must be restored too.
 FLAGS = ["--config=configs/digits.py:runlocal", f"--config.total_steps={TOTAL}",
          "--config.checkpoint_every=4", "--config.keep_checkpoints=3", "--config.compare=()",
-         "--config.model.depth=2", "--config.model.embed_dim=32", "--config.model.d_state=4",
+         "--config.model.depth=1", "--config.model.embed_dim=32", "--config.model.d_state=4",
          "--config.model.drop_path_rate=0.2", "--config.aug.randaug_layers=0",
          "--config.aug.mixup=0.4", "--config.log_every=8", "--config.data.eval_examples=32",
          "--config.eval_batch_size=32", "--config.data.workers=1"]
@@ -106,7 +106,9 @@ def test_roundtrip_keeps_typed_keys_and_meta(tmp_path):
   tree = _tree(key=5)
   assert c.save(3, tree, {"step": 3, "data_position": 3})
   assert not c.save(3, tree, {"step": 3}, force=True)   # already there: no error, no rewrite
-  state, meta = c.restore(_abstract(tree))
+  c.close()
+  # A fresh manager (as after a restart) reads it back.
+  state, meta = checkpointing.Checkpointer(str(tmp_path)).restore(_abstract(tree))
   assert meta["data_position"] == 3
   np.testing.assert_array_equal(state["params"]["w"], tree["params"]["w"])
   assert jax.dtypes.issubdtype(state["rngs"]["key"].dtype, jax.dtypes.prng_key)
@@ -117,6 +119,8 @@ def test_roundtrip_keeps_typed_keys_and_meta(tmp_path):
 def test_incompatible_and_corrupt_checkpoints_raise(tmp_path):
   c = checkpointing.Checkpointer(str(tmp_path / "a"), every=1)
   c.save(1, _tree(), {"step": 1})
+  c.close()
+  c = checkpointing.Checkpointer(str(tmp_path / "a"), every=1)
   with pytest.raises(checkpointing.CheckpointError, match=r"params/w: checkpoint \(4, 2\) vs "
                                                           r"config \(8, 2\)"):
     c.restore(_abstract(_tree(dim=8)))

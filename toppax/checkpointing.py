@@ -96,8 +96,11 @@ class Checkpointer:
         # Synchronous: a save is on disk before the next step; an interrupted one leaves only a
         # temporary directory, which orbax never lists as a step.
         enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    # Handlers named up front: a fresh process must read metadata before its first save.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
