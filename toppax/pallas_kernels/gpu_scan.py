@@ -107,7 +107,7 @@ def _recur(cfg, consts, h, prev_dt, x):
   return h, dt, dec, a
 
 
-def _consts(cfg, rows, a_ref, d_ref, bias_ref, n):
+def _consts(cfg, rows, a_ref, d_ref, bias_ref):
   # Only A log2(e) is kept (registers are the backward's limit); ddec rescales by ln 2.
   consts = dict(A2=rows.load(a_ref) * LOG2E, D=rows.load(d_ref), bias=rows.load(bias_ref))
   if cfg.gap_delta == "bias":
@@ -126,7 +126,7 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save):
   ck_ref = next(it) if save else None
 
   rows = _Rows(block_d, dim)
-  consts = _consts(cfg, rows, a_ref, d_ref, bias_ref, n)
+  consts = _consts(cfg, rows, a_ref, d_ref, bias_ref)
   r["bias"] = consts["bias"]
   t_of = _scan_order(cfg, length)
 
@@ -175,7 +175,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
   dtilde_ref = next(it) if cfg.gap_delta == "bias" else None
 
   rows = _Rows(block_d, dim)
-  consts = _consts(cfg, rows, a_ref, d_ref, bias_ref, n)
+  consts = _consts(cfg, rows, a_ref, d_ref, bias_ref)
   r["bias"] = consts["bias"]
   t_of = _scan_order(cfg, length)
   prev_rule = cfg.gap_delta == "prev"

@@ -329,7 +329,6 @@ def forward(cfg, args, save):
 def backward(cfg, args, ckpt, dy):
   g = _geometry(cfg, args)
   xs = _padded(cfg, args, g)
-  tile_of = _tile_of(cfg, g["n_l"])
   # The adjoint visits tiles in reverse scan order.
   bwd_tile = _tile_of(dataclasses.replace(cfg, reverse=not cfg.reverse), g["n_l"])
   seq_b, specs = _in_specs(cfg, g, bwd_tile)
@@ -371,7 +370,7 @@ def backward(cfg, args, ckpt, dy):
       cost_estimate=pl.CostEstimate(flops=25 * elems, transcendentals=3 * elems,
                                     bytes_accessed=_nbytes(*inputs, *out_shape)),
   )(*inputs))
-  L, D, N = g["length"], g["dim"], g["n"]
+  L, D = g["length"], g["dim"]
   cut = lambda x: None if x is None else x[:, :L, :D]
   du, ddelta = cut(outs.pop(0)), cut(outs.pop(0))
   dz = cut(outs.pop(0)) if cfg.has_z else None
