@@ -38,8 +38,7 @@ def get_config(model_name, arg=None):
     c.data.eval_examples = 64
     c.data.workers = 2
     c.ema_decay = 0.9
-    if c.pruning.enabled:
-      c.pruning.layers = (2,)
+    c.pruning.layers = (2,)         # also for :bench's pruned variants on the 4-block model
     c.bench.batch_sizes = (8,)
     c.bench.dtypes = ("float32",)
     c.bench.repeats = 3

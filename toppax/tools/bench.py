@@ -117,8 +117,7 @@ def run(config, workdir: str | None = None) -> dict:
         row = {"variant": variant, "dtype": dtype, "batch_per_device": bs,
                "infer_img_per_s": bench_inference(c, variant, bs, b.repeats, b.warmup)}
         if b.train:
-          for k in b.devices:
-            k = k or len(devices)
+          for k in dict.fromkeys(k or len(devices) for k in b.devices):
             row[f"train_img_per_s_{k}dev"] = bench_train_step(c, variant, bs, k, b.repeats,
                                                               b.warmup)
         result["rows"].append(row)
