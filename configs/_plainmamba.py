@@ -56,11 +56,14 @@ def get_config(model_name, arg=None):
   c.grad_clip = recipe["grad_clip"]
   c.ema_decay = recipe["ema_decay"]
   c.min_lr = c.lr * c.batch_size / c.lr_base_batch * 1e-2
+  # The PlainMamba schedule, disabled unless asked for: bench and compare variants ("top",
+  # "removal") of a dense run read it too.
+  layers, ratios = top_schedule(model_name)
+  c.pruning = common.pruning(enabled=False, layers=layers, keep_ratio=ratios)
   variant = "top" if a.top else "removal" if a.removal else ""
   if variant:
     # ToP fine-tuning (paper §4.1) as for ViM (common.apply_top_finetune), with the PlainMamba
     # schedule: removal is the same schedule without alignment.
-    layers, ratios = top_schedule(model_name)
     c.pruning = common.pruning(enabled=True, layers=layers, keep_ratio=ratios,
                                alignment=(variant == "top"))
     c.num_epochs = 30

@@ -344,6 +344,7 @@ def test_configs_build_the_model_and_the_top_schedule(variant):
   name = f"plainmamba_{variant}"
   dense, top = module.get_config(), module.get_config("top")
   assert not dense.pruning.enabled and top.pruning.enabled and top.pruning.alignment
+  assert tuple(dense.pruning.layers) == tuple(top.pruning.layers)  # for bench/compare variants
   assert (tuple(top.pruning.layers), tuple(top.pruning.keep_ratio)) == tuple(
       tuple(x) for x in PLAINMAMBA_TOP_SCHEDULES[name])
   assert not module.get_config("removal").pruning.alignment
