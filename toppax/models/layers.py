@@ -20,18 +20,22 @@ class RMSNorm(nnx.Module):
 
 
 class DropPath(nnx.Module):
-  """Stochastic depth per sample (timm's DropPath); inactive when ``deterministic``."""
+  """Stochastic depth per sample (timm's DropPath); inactive when ``deterministic``.
+
+  The rate is state (a Variable), not a static attribute, so blocks that differ only in their
+  drop-path rate share one graph definition and can be stacked and scanned (ViM's layer scan).
+  """
 
   def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None, deterministic: bool = True):
-    self.rate = float(rate)
+    self.rate = nnx.Variable(jnp.asarray(rate, jnp.float32))
     self.deterministic = deterministic
-    self.rngs = rngs["dropout"].fork() if (rngs is not None and rate > 0) else nnx.data(None)
+    self.rngs = rngs["dropout"].fork() if rngs is not None else nnx.data(None)
 
   def __call__(self, x):
-    if self.deterministic or self.rate == 0.0:
+    if self.deterministic:
       return x
     if self.rngs is None:
       raise ValueError("DropPath in training mode needs rngs with a 'dropout' stream")
-    keep = 1.0 - self.rate
+    keep = 1.0 - self.rate[...]
     mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, 0).astype(x.dtype)

@@ -37,6 +37,9 @@ class ViMConfig:
   norm_epsilon: float = 1e-5
   dtype: str = "float32"  # activation / matmul dtype; params, norms and scan state stay fp32
   scan_implementation: str | None = None
+  # Run runs of identical blocks as one lax.scan over stacked parameters: compiles each block
+  # body (and its scan kernels) once instead of `depth` times. Numerically identical.
+  scan_layers: bool = True
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -163,11 +166,20 @@ class VisionMamba(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(n_full, dtype=jnp.int32), (batch, n_full))
     prune_at = dict(zip(pr.layers, pr.ratios)) if pr is not None else {}
     info = {"positions": [], "scores": [], "tokens": [n_full]}
-    residual, gaps_f, gaps_b = None, None, None
-    for i, layer in enumerate(self.layers):
-      hidden, residual, (y_f, y_b) = layer(hidden, residual, gaps_f=gaps_f, gaps_b=gaps_b)
-      if (i + 1) not in prune_at:
-        continue
+    # Block 0 adds its (zero) input to the residual stream: exactly Vim's "residual = hidden"
+    # start, in the same form as every other block, so all blocks can share one scan body.
+    residual = hidden.astype(jnp.float32)
+    hidden = jnp.zeros_like(hidden)
+    gaps_f, gaps_b = None, None
+    start = 0
+    for p in sorted(prune_at) + [None]:
+      stop = cfg.depth if p is None else p - 1
+      hidden, residual = self._run_blocks(range(start, stop), hidden, residual, gaps_f, gaps_b)
+      if p is None:
+        break
+      hidden, residual, (y_f, y_b) = self.layers[p - 1](hidden, residual, gaps_f=gaps_f,
+                                                        gaps_b=gaps_b)
+      start, i = p, p - 1
       scores = prune_ops.importance(y_f, y_b, pr.importance)
       k = kept_count(hidden.shape[1], prune_at[i + 1], has_cls=True)
       cls_seq = jnp.argmax(positions == cfg.cls_index, axis=1)
@@ -198,6 +210,27 @@ class VisionMamba(nnx.Module):
     feature = jnp.take_along_axis(hidden, cls_seq[:, None, None], axis=1)[:, 0]
     logits = self.head(feature)
     return (logits, info) if return_info else logits
+
+  def _run_blocks(self, ids, hidden, residual, gaps_f, gaps_b):
+    """Blocks ``ids`` in order; a ``lax.scan`` over their stacked state when they share a graph."""
+    layers = [self.layers[i] for i in ids]
+    graphdef = nnx.graphdef(layers[0]) if layers else None
+    if (len(layers) < 2 or not self.cfg.scan_layers
+        or any(nnx.graphdef(l) != graphdef for l in layers[1:])):
+      for layer in layers:
+        hidden, residual, _ = layer(hidden, residual, gaps_f=gaps_f, gaps_b=gaps_b)
+      return hidden, residual
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(l) for l in layers])
+
+    def body(carry, state):
+      layer = nnx.merge(graphdef, state)
+      h, r, _ = layer(*carry, gaps_f=gaps_f, gaps_b=gaps_b)
+      return (h, r), nnx.state(layer, nnx.RngState)  # advanced drop-path streams
+
+    (hidden, residual), rng_states = jax.lax.scan(body, (hidden, residual), stacked)
+    for j, layer in enumerate(layers):
+      nnx.update(layer, jax.tree.map(lambda x: x[j], rng_states))
+    return hidden, residual
 
 
 VARIANTS = {
