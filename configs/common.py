@@ -75,7 +75,7 @@ def base_config():
   c.init_from = ""         # official .pth / npz state dict (toppax.convert.from_torch), or ""
 
   c.data = ml_collections.ConfigDict()
-  # "digits" (scikit-learn, embedded), "folder" (class-per-folder tree), "tfds" (tensorflow-datasets).
+  # "digits" (scikit-learn, embedded), "folder" (class-per-folder tree), "tfds".
   c.data.source = "tfds"
   c.data.name = "imagenet2012"    # tfds name
   c.data.data_dir = config_dict.placeholder(str)    # tfds data_dir

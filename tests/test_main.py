@@ -1,4 +1,4 @@
-"""The entry point and configs: flags, clear errors for typos and missing data, every config loads."""
+"""Entry point and configs: flags, clear errors for typos and missing data, every config loads."""
 import os
 import subprocess
 import sys

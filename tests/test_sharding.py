@@ -21,6 +21,7 @@ SCRIPT = textwrap.dedent("""
   c.batch_size = 32
   c.model.drop_path_rate = 0.0     # per-sample masks would be drawn per device layout
   c.aug.mixup = 0.5                 # the mixing partner crosses device boundaries
+  c.aug.randaug_layers = 0          # per-image ops; leaving them out halves compilation
   src = input_pipeline.DigitsSource("train")
   plan = input_pipeline.TrainPlan(len(src), c.batch_size)
   batches = list(input_pipeline.train_batches(src, plan, c, 0, 2))

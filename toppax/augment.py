@@ -11,7 +11,6 @@ from a key folded with the step, so a resumed run repeats it exactly.
 """
 from __future__ import annotations
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +30,7 @@ def _one_layer(image, op, m):
   A ``lax.switch`` over separate dm-pix calls does the same under vmap but evaluates every
   branch and took 2.5x longer to compile on CPU.
   """
+  import dm_pix  # only RandAugment needs it: a bare accelerator image can run with 0 layers
   h, w = image.shape[:2]
   is_op = lambda name: op == OPS.index(name)
   angle = jnp.where(is_op("Rotate"), jnp.deg2rad(30.0) * m, 0.0)

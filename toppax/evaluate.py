@@ -160,8 +160,8 @@ def run_eval(config, workdir: str) -> dict:
     model = convert.from_torch(config.model.name, config.init_from,
                                pruning=train.prune_config(config), **train.model_overrides(config))
     _, params, rngs = nnx.split(model, nnx.Param, ...)
-    params = jax.device_put(params.to_pure_dict(), sharding.replicated(mesh))
-    rngs = jax.device_put(rngs.to_pure_dict(), sharding.replicated(mesh))
+    params = jax.device_put(nnx.to_pure_dict(params), sharding.replicated(mesh))
+    rngs = jax.device_put(nnx.to_pure_dict(rngs), sharding.replicated(mesh))
   else:
     raise FileNotFoundError(f"nothing to evaluate: no checkpoint in {ckpt_dir} and no "
                             "config.init_from")

@@ -87,7 +87,7 @@ def model_defs(config, pruning="config") -> ModelDefs:
   gd_eval, params, rngs = nnx.split(abstract, nnx.Param, ...)
   abstract.train()
   gd_train, _, _ = nnx.split(abstract, nnx.Param, ...)
-  return ModelDefs(gd_train, gd_eval, params.to_pure_dict(), rngs.to_pure_dict())
+  return ModelDefs(gd_train, gd_eval, nnx.to_pure_dict(params), nnx.to_pure_dict(rngs))
 
 
 # --- optimizer ------------------------------------------------------------------------------------
@@ -139,13 +139,13 @@ def init_state(config, defs: ModelDefs, tx, mesh):
     model = convert.from_torch(config.model.name, config.init_from, pruning=prune_config(config),
                                **model_overrides(config))
     _, params, rngs = nnx.split(model, nnx.Param, ...)
-    params = jax.device_put(params.to_pure_dict(), repl)
-    rngs = jax.device_put(rngs.to_pure_dict(), repl)
+    params = jax.device_put(nnx.to_pure_dict(params), repl)
+    rngs = jax.device_put(nnx.to_pure_dict(rngs), repl)
     logging.info("initialised from %s", config.init_from)
   else:
     def init():
       _, params, rngs = nnx.split(create_model(config), nnx.Param, ...)
-      return params.to_pure_dict(), rngs.to_pure_dict()
+      return nnx.to_pure_dict(params), nnx.to_pure_dict(rngs)
     params, rngs = jax.jit(init, out_shardings=repl)()
   opt_state = jax.jit(tx.init, out_shardings=repl)(params)
   return {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
@@ -180,7 +180,7 @@ def make_train_step(config, defs: ModelDefs, tx, schedule, mesh):
       model = nnx.merge(defs.train, params, rngs)
       logits = model(images)
       loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-      return loss, nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+      return loss, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, rngs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"],
                                                                      state["rngs"])
@@ -189,7 +189,7 @@ def make_train_step(config, defs: ModelDefs, tx, schedule, mesh):
     ema = state["ema"]
     if ema_decay > 0:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
     new_state = {"step": step + 1, "params": params, "rngs": rngs, "opt_state": opt_state,
                  "ema": ema}
     return new_state, metrics
@@ -307,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = int(jax.device_get(state["step"]))
   step_fn = make_train_step(config, defs, tx, schedule, mesh)
   writer = MetricWriter(workdir)
-  eval_every = int(config.eval_every_epochs * plan.steps_per_epoch) if config.eval_every_epochs else 0
+  eval_every = int(config.eval_every_epochs * plan.steps_per_epoch)
   stop = n_steps if not config.max_steps_per_run else min(n_steps, start + config.max_steps_per_run)
 
   pending, window_start, t_window, t_start_steps = [], start, None, None

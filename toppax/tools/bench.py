@@ -70,7 +70,7 @@ def bench_inference(config, variant, batch_size, repeats, warmup) -> float:
       jnp.asarray(_synthetic_batch(config, batch_size)["image"]), config.data.mean,
       config.data.std))
   f = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x))
-  t = time_call(f, params.to_pure_dict(), rngs.to_pure_dict(), images, repeats=repeats,
+  t = time_call(f, nnx.to_pure_dict(params), nnx.to_pure_dict(rngs), images, repeats=repeats,
                 warmup=warmup)
   return batch_size / t
 
