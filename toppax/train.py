@@ -1,7 +1,7 @@
 """Training: ``train_and_evaluate(config, workdir)``, importable from a notebook.
 
-The train state is a plain pytree ``{step, params, rngs, opt_state, ema}`` (params and the
-model's RNG streams as nnx pure dicts). One ``jax.jit`` step over it: ``nnx.merge`` inside,
+The train state is a plain pytree ``{step, params, rngs, opt_state, ema}``: params and ``rngs``,
+the model's non-parameter state (its RNG streams, drop-path rates), as nnx pure dicts. One ``jax.jit`` step over it: ``nnx.merge`` inside,
 replicated state, batch sharded on the mesh's 'data' axis, state donated (STYLE.md).
 """
 from __future__ import annotations
