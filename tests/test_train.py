@@ -111,3 +111,14 @@ def test_train_smoke_writes_metrics_checkpoints_and_the_comparison(tmp_path):
   assert dense["top1"] == pytest.approx(result["eval_ema/top1"])   # compare uses the EMA
   table = open(os.path.join(workdir, "compare.md")).read()
   assert "| top | 17 -> 13 -> 9 |" in table
+
+
+def test_plainmamba_weight_decay_exempts_its_ssm_parameters():
+  import numpy as np
+  params = {"layers": {"0": {"mixer": {"A_log": np.zeros((4, 2)), "direction_Bs": np.zeros((5, 2)),
+                                       "in_proj": {"kernel": np.zeros((3, 4))}}}},
+            "pos_embed": np.zeros((1, 4, 3))}
+  m = train.weight_decay_mask(params, model_name="plainmamba_l1")
+  assert not m["layers"]["0"]["mixer"]["A_log"] and not m["layers"]["0"]["mixer"]["direction_Bs"]
+  assert m["layers"]["0"]["mixer"]["in_proj"]["kernel"] and not m["pos_embed"]
+  assert train.weight_decay_mask(params)["layers"]["0"]["mixer"]["A_log"]  # Vim decays A_log

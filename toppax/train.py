@@ -7,6 +7,7 @@ replicated state, batch sharded on the mesh's 'data' axis, state donated (STYLE.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -105,12 +106,20 @@ def lr_schedule(config, steps_per_epoch: int, total_steps: int):
       decay_steps=max(total_steps, warmup + 1), end_value=min(config.min_lr, peak))
 
 
-def weight_decay_mask(params):
-  """timm's param_groups_weight_decay as Vim uses it: no decay on 1-D params (biases, norms, D,
-  ...) nor on the names in VisionMamba.no_weight_decay (pos_embed, cls_token)."""
+def weight_decay_mask(params, model_name: str = "vim"):
+  """Which parameters decay, as each official recipe does it.
+
+  ViM: timm's param_groups_weight_decay as Vim uses it: no decay on 1-D params (biases, norms, D,
+  ...) nor on the names in VisionMamba.no_weight_decay (pos_embed, cls_token); A_log decays.
+  PlainMamba (its mmcls paramwise_cfg): additionally none on A_log, D and direction_Bs.
+  """
+  exempt = {"pos_embed", "cls_token"}
+  if model_name.startswith("plainmamba"):
+    exempt |= {"A_log", "D", "direction_Bs"}
+
   def mask(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
-    return x.ndim > 1 and name not in ("pos_embed", "cls_token")
+    return x.ndim > 1 and name not in exempt
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
@@ -119,7 +128,9 @@ def make_optimizer(config, schedule):
   if config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip))
   parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=1e-8,
-                           weight_decay=config.weight_decay, mask=weight_decay_mask))
+                           weight_decay=config.weight_decay,
+                           mask=functools.partial(weight_decay_mask,
+                                                  model_name=config.model.name)))
   return optax.chain(*parts)
 
 

@@ -50,8 +50,10 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
       sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
   elif isinstance(source, Mapping):
     sd = dict(source)
-    if "model" in sd and isinstance(sd["model"], Mapping):
-      sd = dict(sd["model"])
+    for wrapper in ("model", "state_dict"):  # Vim/DeiT and mmcls checkpoint layouts
+      if wrapper in sd and isinstance(sd[wrapper], Mapping):
+        sd = dict(sd[wrapper])
+        break
   else:
     raise TypeError(f"state_dict must be a mapping or a checkpoint path, got {type(source).__name__}")
   if not isinstance(sd, Mapping):
