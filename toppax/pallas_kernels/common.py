@@ -93,16 +93,21 @@ def _spec(x):
 
 @functools.lru_cache(maxsize=256)
 def _compiles(cfg, specs):
-  """Lowers and compiles all three kernels (inference forward, training forward, backward) once
-  per static signature; False (and a warning) if any fails."""
+  """Checks once per static signature that the kernels can be used; False (and a warning) if not.
+
+  The inference forward is lowered and compiled; the training forward and the backward are
+  lowered only (their Pallas -> Triton/Mosaic lowering is where kernels fail in practice).
+  Compiling them standalone as well doubled a model's start-up on an H100 (each pallas_call is
+  compiled again inside the model), and a failure that only shows at the model's own compile is
+  an error there, never a wrong answer.
+  """
   mod = _backend(cfg)
   try:
     args = ScanArgs(*specs)
-    for save in (False, True):
-      jax.jit(lambda a, save=save: mod.forward(cfg, a, save=save)).lower(args).compile()
+    jax.jit(lambda a: mod.forward(cfg, a, save=False)).lower(args).compile()
+    jax.jit(lambda a: mod.forward(cfg, a, save=True)).lower(args)
     y, ckpt = jax.eval_shape(lambda a: mod.forward(cfg, a, save=True), args)
-    bwd = jax.jit(lambda a, c, g: mod.backward(cfg, a, c, g))
-    bwd.lower(args, ckpt, y).compile()
+    jax.jit(lambda a, c, g: mod.backward(cfg, a, c, g)).lower(args, ckpt, y)
     return True
   except Exception as e:  # any lowering/compile failure must degrade to XLA, never a wrong answer
     log.warning("selective_scan: pallas_%s kernel failed to lower/compile for %s (%s: %s); "
