@@ -149,9 +149,12 @@ def _new_figure(figsize):
 
 def _show(ax, image, title):
   image = np.asarray(image)
-  ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest",
-            vmin=0 if image.ndim == 2 else None,
-            vmax=(255 if image.dtype == np.uint8 else 1) if image.ndim == 2 else None)
+  if image.ndim == 2:
+    # A fixed range: imshow would otherwise stretch a grey-only panel to black and white.
+    top = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
+    ax.imshow(image, cmap="gray", vmin=0, vmax=top, interpolation="nearest")
+  else:
+    ax.imshow(image, interpolation="nearest")
   ax.set_title(title, fontsize=9)
   ax.set_xticks([])
   ax.set_yticks([])
