@@ -111,8 +111,6 @@ def kept_count(n: int, keep_ratio: float, *, has_cls: bool = True,
   if not 0.0 < keep_ratio <= 1.0:
     raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
   if has_cls:
-    if n < 1:
-      raise ValueError(f"cannot prune a sequence of {n} tokens")
     k = math.ceil((n - 1) * keep_ratio - 1e-9)
     if k % 2 == 0:
       k += 1

@@ -83,25 +83,11 @@ PLAINMAMBA_TOP_SCHEDULES = {
 
 def kept_tokens(n: int, keep_ratio: float, *, has_cls: bool = True,
                 fused_token: bool = False) -> int:
-  """Sequence length after one pruning step (the rule of toppax.pruning.kept_count).
-
-  ViM (cls token): ``K = ceil((N - 1) * r)``, made odd so the cls token can sit in the middle; K
-  counts the cls token. PlainMamba (no cls): ``K = ceil(N * r)``. The ceil forgives float noise
-  (100 * 0.7 = 70.000...01 keeps 70, not 71). An EViT fused token from an earlier stage is one of
-  the prunable tokens; a new one is appended when anything was pruned.
-  """
-  if not 0.0 < keep_ratio <= 1.0:
-    raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-  if has_cls:
-    k = math.ceil((n - 1) * keep_ratio - 1e-9)
-    if k % 2 == 0:
-      k += 1
-    k = min(k, n)
-  else:
-    k = math.ceil(n * keep_ratio - 1e-9)
-  if k < 1:
-    raise ValueError(f"keep_ratio {keep_ratio} keeps K={k} < 1 of {n} tokens: raise keep_ratio")
-  return k + (1 if fused_token and k < n else 0)
+  """Sequence length after one pruning step: exactly the model's rule, toppax.pruning.kept_count
+  (ViM: ``K = ceil((N - 1) r)`` made odd, cls included; PlainMamba: ``ceil(N r)``; +1 for a new
+  EViT fused token when anything was pruned)."""
+  from toppax.pruning.config import kept_count
+  return kept_count(n, keep_ratio, has_cls=has_cls, fused_token=fused_token)
 
 
 def _field(obj, key, default=None):
