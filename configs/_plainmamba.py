@@ -66,22 +66,8 @@ def get_config(model_name, arg=None):
     # schedule: removal is the same schedule without alignment.
     c.pruning = common.pruning(enabled=True, layers=layers, keep_ratio=ratios,
                                alignment=(variant == "top"))
-    c.num_epochs = 30
-    c.lr = 5e-6
-    c.min_lr = 1e-6
-    c.warmup_epochs = 0
-    c.weight_decay = 1e-8
-    c.model.drop_path_rate = 0.0
-    c.grad_clip = 1.0
-    c.batch_size = 512
-  if a.folder:
-    c.data.source = "folder"
-    c.data.train_dir = f"{a.folder}/train"
-    c.data.eval_dir = f"{a.folder}/val"
-  if a.data_dir:
-    c.data.data_dir = a.data_dir
-  if a.bench:
-    c.bench.devices = (1, 0)
+    common.finetune_recipe(c)
+  common.apply_data_args(c, a)
   if a.runlocal:
     # A seconds-long smoke run on CPU: random init, 64 px (4x4 token grid), 4 thin layers.
     c.model.img_size = 64

@@ -15,15 +15,7 @@ def get_config(model_name, arg=None):
   variant = "top" if a.top else "removal" if a.removal else "evit" if a.evit else ""
   if variant:
     c = common.apply_top_finetune(c, model_name, variant)
-  if a.folder:
-    # Any class-per-folder tree: <folder>/train/<class>/* and <folder>/val/<class>/*.
-    c.data.source = "folder"
-    c.data.train_dir = f"{a.folder}/train"
-    c.data.eval_dir = f"{a.folder}/val"
-  if a.data_dir:
-    c.data.data_dir = a.data_dir
-  if a.bench:
-    c.bench.devices = (1, 0)        # one device, then all local devices (data parallel)
+  common.apply_data_args(c, a)
   if a.runlocal:
     # A seconds-long smoke run on CPU: random-init model, tiny shapes, folder or tfds data.
     c.model.img_size = 32

@@ -136,9 +136,14 @@ def base_config():
 
 
 def apply_top_finetune(c, model_name, variant="top"):
-  """ToP fine-tuning (paper §4.1): from a dense checkpoint, 30 epochs, lr 5e-6 at batch 512
-  scaled linearly, weight decay 1e-8, drop-path 0, the paper's pruning schedule."""
+  """ToP fine-tuning (paper §4.1) with the paper's ViM pruning schedule."""
   c.pruning = paper_pruning(model_name, variant)
+  return finetune_recipe(c)
+
+
+def finetune_recipe(c):
+  """ToP fine-tuning (paper §4.1): from a dense checkpoint, 30 epochs, lr 5e-6 at batch 512
+  scaled linearly, weight decay 1e-8, drop-path 0 (the pruning schedule is set by the caller)."""
   c.num_epochs = 30
   c.lr = 5e-6
   c.min_lr = 1e-6
@@ -147,4 +152,18 @@ def apply_top_finetune(c, model_name, variant="top"):
   c.model.drop_path_rate = 0.0
   c.grad_clip = 1.0
   c.batch_size = 512
+  return c
+
+
+def apply_data_args(c, a):
+  """The data/bench arguments every model config takes: folder=DIR, data_dir=DIR, bench."""
+  if a.folder:
+    # Any class-per-folder tree: <folder>/train/<class>/* and <folder>/val/<class>/*.
+    c.data.source = "folder"
+    c.data.train_dir = f"{a.folder}/train"
+    c.data.eval_dir = f"{a.folder}/val"
+  if a.data_dir:
+    c.data.data_dir = a.data_dir
+  if a.bench:
+    c.bench.devices = (1, 0)        # one device, then all local devices (data parallel)
   return c
