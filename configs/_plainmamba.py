@@ -74,18 +74,8 @@ def get_config(model_name, arg=None):
     c.model.num_layers = 4
     c.model.embed_dims = 32
     c.model.d_state = 8
-    c.batch_size = 16
-    c.eval_batch_size = 16
-    c.total_steps = 10
-    c.log_every = 2
-    c.checkpoint_every = 5
-    c.data.eval_examples = 64
-    c.data.workers = 2
-    c.ema_decay = 0.9
+    common.smoke_run(c)
     if c.pruning.enabled:
       c.pruning.layers = (2,)
       c.pruning.keep_ratio = (0.5,)
-    c.bench.batch_sizes = (8,)
-    c.bench.dtypes = ("float32",)
-    c.bench.repeats = 3
   return c

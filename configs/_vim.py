@@ -22,16 +22,6 @@ def get_config(model_name, arg=None):
     c.model.patch_size = 8
     c.model.depth = 4
     c.model.embed_dim = 64
-    c.batch_size = 16
-    c.eval_batch_size = 16
-    c.total_steps = 10
-    c.log_every = 2
-    c.checkpoint_every = 5
-    c.data.eval_examples = 64
-    c.data.workers = 2
-    c.ema_decay = 0.9
+    common.smoke_run(c)
     c.pruning.layers = (2,)         # also for :bench's pruned variants on the 4-block model
-    c.bench.batch_sizes = (8,)
-    c.bench.dtypes = ("float32",)
-    c.bench.repeats = 3
   return c

@@ -167,3 +167,20 @@ def apply_data_args(c, a):
   if a.bench:
     c.bench.devices = (1, 0)        # one device, then all local devices (data parallel)
   return c
+
+
+def smoke_run(c):
+  """Training and bench sizes of a seconds-long CPU smoke run (``runlocal``); the model sizes
+  are the caller's."""
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.total_steps = 10
+  c.log_every = 2
+  c.checkpoint_every = 5
+  c.data.eval_examples = 64
+  c.data.workers = 2
+  c.ema_decay = 0.9
+  c.bench.batch_sizes = (8,)
+  c.bench.dtypes = ("float32",)
+  c.bench.repeats = 3
+  return c

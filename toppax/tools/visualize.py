@@ -257,14 +257,7 @@ def plot_vs_keep_ratio(keep_ratios: Sequence[float], series: Mapping[str, Sequen
   if dense is not None:
     ax.axhline(dense * scale, color="black", ls="--", lw=1, label="dense")
   ax.set_xlabel("keep ratio r (per pruning stage)")
-  ax.set_ylabel(ylabel + (" (%)" if percent else ""))
-  if title:
-    ax.set_title(title, fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  if path:
-    fig.savefig(path, dpi=120)
-  return fig
+  return _finish(fig, ax, ylabel, percent, title, path)
 
 
 def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
@@ -278,6 +271,16 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *
     ax.plot(x, np.asarray(y, float) * (100.0 if percent else 1.0), marker="." if len(x) < 40
             else None, label=name)
   ax.set_xlabel(xlabel)
+  return _finish(fig, ax, ylabel, percent, title, path)
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, panel=(4.8, 3.4)):
+  """(figure, axes array) on an Agg canvas, for several ``plot_curves`` panels side by side."""
+  fig = _new_figure((panel[0] * ncols, panel[1] * nrows))
+  return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _finish(fig, ax, ylabel, percent, title, path):
   ax.set_ylabel(ylabel + (" (%)" if percent else ""))
   if title:
     ax.set_title(title, fontsize=10)
@@ -286,9 +289,3 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *
   if path:
     fig.savefig(path, dpi=120)
   return fig
-
-
-def new_figure(ncols: int = 1, nrows: int = 1, panel=(4.8, 3.4)):
-  """(figure, axes array) on an Agg canvas, for several ``plot_curves`` panels side by side."""
-  fig = _new_figure((panel[0] * ncols, panel[1] * nrows))
-  return fig, fig.subplots(nrows, ncols, squeeze=False)
