@@ -79,7 +79,7 @@ def base_config():
   c.data.source = "tfds"
   c.data.name = "imagenet2012"    # tfds name
   c.data.data_dir = config_dict.placeholder(str)    # tfds data_dir
-  c.data.train_dir = ""           # folder source: train/<class>/*.jpg (or a .zip of it)
+  c.data.train_dir = ""           # folder source: <class>/*.jpg tree, or a .zip of one
   c.data.eval_dir = ""
   c.data.train_split = "train"
   c.data.eval_split = "validation"
@@ -89,10 +89,13 @@ def base_config():
   c.data.std = (0.229, 0.224, 0.225)
   c.data.workers = 8              # host threads decoding images
   c.data.prefetch = 2             # batches decoded ahead of the train step
+  c.data.cache = False            # decode every image once into memory (small datasets)
 
   c.aug = ml_collections.ConfigDict()
   c.aug.crop_scale = (0.08, 1.0)  # random-resized-crop area range; (1, 1): none
   c.aug.flip = True
+  c.aug.on_device = False         # True: crop/flip on the accelerator (cached, equal-size images)
+  c.aug.pad_crop = 4              # on_device: reflect-pad by this many pixels, random crop
   c.aug.randaug_layers = 2        # RandAugment n
   c.aug.randaug_magnitude = 9     # RandAugment m (of 10)
   c.aug.mixup = 0.8
@@ -133,6 +136,22 @@ def base_config():
   c.bench.repeats = 10
   c.bench.warmup = 2
   return c
+
+
+def study(seeds=(0, 1), keep_ratios=(0.5, 0.7, 0.9), methods=("top", "removal", "evit"),
+          importance="clip", importances=("clip", "l1", "l2", "raw"), ablation_ratio=0.7,
+          finetune_epochs=5, finetune_lr=1e-4, finetune_min_lr=1e-6, finetune_drop_path=0.0,
+          finetune_ema_decay=0.0, finetune_steps=0):
+  """``--mode=study`` (toppax.study): dense training per seed, then every method at every keep
+  ratio zero-shot and after ``finetune_epochs`` of pruned fine-tuning (lr, no warm-up, cosine
+  to ``finetune_min_lr``); the importance ablation with ToP at ``ablation_ratio``.
+  ``finetune_steps > 0`` overrides the epochs (smoke runs)."""
+  return ml_collections.ConfigDict(dict(
+      seeds=tuple(seeds), keep_ratios=tuple(keep_ratios), methods=tuple(methods),
+      importance=importance, importances=tuple(importances), ablation_ratio=ablation_ratio,
+      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, finetune_min_lr=finetune_min_lr,
+      finetune_drop_path=finetune_drop_path, finetune_ema_decay=finetune_ema_decay,
+      finetune_steps=finetune_steps))
 
 
 def apply_top_finetune(c, model_name, variant="top"):

@@ -112,11 +112,33 @@ def normalize(images, mean, std):
   return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def pad_crop_flip(key, images, *, pad: int, flip: bool):
+  """CIFAR-style augmentation on device: reflect-pad by ``pad`` pixels, take a random crop of
+  the original size per image, mirror half of the images (when ``flip``)."""
+  b, h, w, c = images.shape
+  k_y, k_x, k_f = jax.random.split(key, 3)
+  if pad > 0:
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    ys = jax.random.randint(k_y, (b,), 0, 2 * pad + 1)
+    xs = jax.random.randint(k_x, (b,), 0, 2 * pad + 1)
+    images = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (h, w, c)))(
+        padded, ys, xs)
+  if flip:
+    mirror = jax.random.bernoulli(k_f, 0.5, (b,))[:, None, None, None]
+    images = jnp.where(mirror, images[:, :, ::-1], images)
+  return images
+
+
 def train_inputs(key, batch, config):
   """(normalised images, soft targets) for one train step, all on device."""
   aug = config.aug
   k_ra, k_mix = jax.random.split(key)
   images = batch["image"].astype(jnp.float32) / 255.0
+  if aug.get("on_device", False):
+    # The host sent the images as stored (toppax.input_pipeline); crop and flip here. The key
+    # is folded, not split, so the RandAugment/mix streams are those of host-side cropping.
+    images = pad_crop_flip(jax.random.fold_in(key, 7), images, pad=int(aug.pad_crop),
+                           flip=bool(aug.flip))
   images = rand_augment(k_ra, images, num_layers=aug.randaug_layers,
                         magnitude=aug.randaug_magnitude)
   targets = smooth_one_hot(batch["label"], config.data.num_classes, aug.label_smoothing)

@@ -158,3 +158,103 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# --- parameters only: `--mode=convert` output and `config.init_from=<toppax workdir>` --------------
+
+PARAMS_DIR = "params"
+
+
+def save_params(directory: str, params, rngs, meta: dict):
+  """Writes ``{params, rngs}`` (orbax) and ``meta.json`` under ``directory/params``."""
+  import json
+  where = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+  if os.path.exists(where):
+    raise CheckpointError(f"{where} exists already: use a new --workdir (nothing is "
+                          "overwritten)")
+  os.makedirs(directory, exist_ok=True)
+  quiet_orbax()
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(where, {"params": params, "rngs": _to_savable(rngs)})
+    ck.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "params_meta.json"), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+  return where
+
+
+def is_toppax_dir(path: str) -> bool:
+  """Whether ``path`` is a toppax workdir (training checkpoints or ``--mode=convert`` params)."""
+  return bool(path) and os.path.isdir(path) and (
+      os.path.isdir(os.path.join(path, "checkpoints")) or
+      os.path.isdir(os.path.join(path, PARAMS_DIR)) or _is_manager_dir(path))
+
+
+def _is_manager_dir(path):
+  return any(e.name.isdigit() and e.is_dir() for e in os.scandir(path))
+
+
+def _target_from_metadata(tree, sharding):
+  def conv(m):
+    return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
+  return jax.tree.map(conv, tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
+def load_params(path: str, abstract_params, *, use_ema: bool = True, sharding=None):
+  """Parameters from a toppax directory: a training workdir (its latest checkpoint; the EMA
+  copy when kept and ``use_ema``) or a ``--mode=convert`` output. Returns ``(params, what)``.
+
+  ``abstract_params`` (ShapeDtypeStructs of the configured model) is checked against what is
+  stored; a mismatch raises CheckpointError listing the paths. Pruning does not change any
+  parameter shape, so a dense run's parameters start a pruned fine-tune.
+  """
+  path = os.path.abspath(path)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  quiet_orbax()
+  if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    where = os.path.join(path, PARAMS_DIR)
+    try:
+      with ocp.StandardCheckpointer() as ck:
+        stored = ck.metadata(where)
+        stored = getattr(stored, "item_metadata", stored)
+        stored = getattr(stored, "tree", stored)
+        out = ck.restore(where, _target_from_metadata(dict(stored), sharding))
+    except Exception as e:
+      raise CheckpointError(f"{where} could not be read ({type(e).__name__}: {e}); write it "
+                            "again with --mode=convert") from e
+    params, what = out["params"], f"converted parameters in {where}"
+  else:
+    ckdir = os.path.join(path, "checkpoints") if os.path.isdir(
+        os.path.join(path, "checkpoints")) else path
+    ck = Checkpointer(ckdir)
+    step = ck.latest_step()
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {ckdir}: config.init_from must name a toppax "
+                            "workdir with a finished (or saved) training run, a --mode=convert "
+                            "output, or an official .pth/.npz file")
+    try:
+      stored = ck.manager.item_metadata(step)["state"]
+      stored = getattr(stored, "tree", stored)
+      target = _target_from_metadata(dict(stored), sharding)
+      out = ck.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {ckdir}/{step} could not be restored "
+                            f"({type(e).__name__}: {e})") from e
+    finally:
+      ck.close()
+    ema = out.get("ema") or {}
+    if use_ema and ema:
+      params, what = ema, f"EMA parameters of {ckdir} step {step}"
+    else:
+      params, what = out["params"], f"parameters of {ckdir} step {step}"
+  bad = _shape_mismatches(params, abstract_params)
+  if bad:
+    shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+    raise CheckpointError(f"{what} do not fit the configured model:\n  {shown}\nCheck "
+                          "config.model (name, depth, embed_dim, img_size, num_classes).")
+  # orbax returns nested dicts; the model's pure dict may key layers by int: match its structure.
+  params = jax.tree.unflatten(jax.tree.structure(abstract_params),
+                              [_flatten(params)[k] for k in _flatten(abstract_params)])
+  jax.block_until_ready(params)
+  return params, what

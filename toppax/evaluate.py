@@ -156,12 +156,7 @@ def run_eval(config, workdir: str) -> dict:
     params, rngs = train.eval_params(config, state), state["rngs"]
     logging.info("evaluating checkpoint step %d from %s", int(state["step"]), ckpt_dir)
   elif config.init_from:
-    from toppax import convert
-    model = convert.from_torch(config.model.name, config.init_from,
-                               pruning=train.prune_config(config), **train.model_overrides(config))
-    _, params, rngs = nnx.split(model, nnx.Param, ...)
-    params = jax.device_put(nnx.to_pure_dict(params), sharding.replicated(mesh))
-    rngs = jax.device_put(nnx.to_pure_dict(rngs), sharding.replicated(mesh))
+    params, rngs = train.load_init_params(config, defs, sharding.replicated(mesh))
   else:
     raise FileNotFoundError(f"nothing to evaluate: no checkpoint in {ckpt_dir} and no "
                             "config.init_from")

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import io
 import os
+import re
+import threading
+import zipfile
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -75,14 +79,24 @@ class DigitsSource:
 
 
 class FolderSource:
-  """``root/<class>/<image>``: labels are indices into the sorted class-folder names."""
+  """``root/<class>/<image>``: labels are indices into the sorted class-folder names.
+
+  ``root`` may also be a ``.zip`` of such a tree (e.g. ../shared/data/cifar10/cifar10-test.zip,
+  whose single top-level folder ``test/`` is the root; ``archive.zip/inner/dir`` names a folder
+  inside the archive). Zip members are read through one shared handle behind a lock.
+  """
 
   def __init__(self, root: str):
+    self._zip, self._lock = None, threading.Lock()
+    if _zip_path(root):
+      self._open_zip(root)
+      return
     if not root or not os.path.isdir(root):
       raise DatasetNotFoundError(
           f"image folder {root!r} does not exist. Point config.data.train_dir / eval_dir at a "
-          "class-per-folder tree (root/<class>/*.jpg), e.g. for the CIFAR-10 zips: "
-          "`unzip -q cifar10-train20k.zip -d DIR` then --config.data.train_dir=DIR/train")
+          "class-per-folder tree (root/<class>/*.jpg) or a .zip of one, e.g. "
+          "../shared/data/cifar10/cifar10-train20k.zip (configs/cifar10.py:data=DIR takes the "
+          "folder holding the CIFAR-10 zips)")
     self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     files, labels = [], []
     for label, cls in enumerate(self.classes):
@@ -90,6 +104,44 @@ class FolderSource:
                      if n.lower().endswith(IMAGE_EXTENSIONS))
       files += [os.path.join(root, cls, n) for n in names]
       labels += [label] * len(names)
+    self._finish(root, files, labels)
+
+  def _open_zip(self, root):
+    archive, inner = _zip_path(root)
+    if not os.path.isfile(archive):
+      raise DatasetNotFoundError(
+          f"zip archive {archive!r} does not exist. Point config.data.train_dir / eval_dir at a "
+          "class-per-folder tree or a .zip of one (for CIFAR-10: copy cifar10-train20k.zip and "
+          "cifar10-test.zip from ../shared/data/cifar10/ and pass configs/cifar10.py:data=DIR)")
+    try:
+      self._zip = zipfile.ZipFile(archive)
+      names = [n for n in self._zip.namelist()
+               if not n.endswith("/") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    except (zipfile.BadZipFile, OSError) as e:
+      raise DatasetNotFoundError(f"{archive} is not a readable zip archive ({e}); re-copy it "
+                                 "(../shared/data/cifar10/SHA256SUMS checks the CIFAR-10 zips)")
+    if not inner:
+      # The archive's single top-level folder is the root when there is one (train/, test/).
+      tops = {n.split("/", 1)[0] for n in names if "/" in n}
+      deep = all(n.count("/") >= 2 for n in names)
+      inner = next(iter(tops)) if len(tops) == 1 and deep else ""
+    prefix = inner.strip("/") + "/" if inner.strip("/") else ""
+    tree = {}
+    for n in names:
+      if not n.startswith(prefix):
+        continue
+      parts = n[len(prefix):].split("/")
+      if len(parts) == 2:
+        tree.setdefault(parts[0], []).append(n)
+    self.classes = sorted(tree)
+    files, labels = [], []
+    for label, cls in enumerate(self.classes):
+      members = sorted(tree[cls])
+      files += members
+      labels += [label] * len(members)
+    self._finish(root, files, labels)
+
+  def _finish(self, root, files, labels):
     if not files:
       raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under "
                                  f"{root}/<class>/: expected a class-per-folder tree")
@@ -100,8 +152,45 @@ class FolderSource:
     return len(self.files)
 
   def read(self, index):
+    if self._zip is not None:
+      with self._lock:
+        data = self._zip.read(self.files[index])
+      with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB")), int(self.labels[index])
     with Image.open(self.files[index]) as im:
       return np.asarray(im.convert("RGB")), int(self.labels[index])
+
+
+def _zip_path(root: str):
+  """``a/b.zip`` -> ("a/b.zip", ""); ``a/b.zip/x/y`` -> ("a/b.zip", "x/y"); else None."""
+  if not root:
+    return None
+  m = re.match(r"^(.*?\.zip)(?:/(.*))?$", root, flags=re.IGNORECASE)
+  return (m.group(1), m.group(2) or "") if m else None
+
+
+class CachedSource:
+  """Every image of ``source`` decoded once into memory (small datasets such as CIFAR-10:
+  20k 32x32 images are 61 MB), so that steps cost no decoding; ``config.data.cache``."""
+
+  def __init__(self, source, workers: int = 8):
+    n = len(source)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+      items = list(pool.map(source.read, range(n)))
+    shapes = {im.shape for im, _ in items}
+    if len(shapes) == 1:
+      self.images = np.stack([im for im, _ in items])
+    else:
+      self.images = [im for im, _ in items]
+    self.labels = np.asarray([lb for _, lb in items], np.int32)
+    self.num_classes = source.num_classes
+    self.classes = getattr(source, "classes", None)
+
+  def __len__(self):
+    return len(self.labels)
+
+  def read(self, index):
+    return self.images[index], int(self.labels[index])
 
 
 class TfdsSource:
@@ -141,6 +230,9 @@ class TfdsSource:
     return image, int(ex["label"])
 
 
+_DECODED: dict = {}
+
+
 def make_source(data_config, split: str) -> Source:
   """Builds the train (``split='train'``) or eval source named in ``config.data``."""
   src = data_config.source
@@ -154,6 +246,13 @@ def make_source(data_config, split: str) -> Source:
                         data_config.data_dir)
   else:
     raise ValueError(f"config.data.source must be 'digits', 'folder' or 'tfds', got {src!r}")
+  if data_config.get("cache", False):
+    # One decode per process and dataset: a study runs dozens of trainings on the same data.
+    key = (src, data_config.train_dir if split == "train" else data_config.eval_dir,
+           data_config.name, split == "train")
+    if key not in _DECODED:
+      _DECODED[key] = CachedSource(source, data_config.workers)
+    source = _DECODED[key]
   if source.num_classes != data_config.num_classes:
     raise ValueError(f"the {split} data has {source.num_classes} classes but "
                      f"config.data.num_classes={data_config.num_classes}")
@@ -212,6 +311,15 @@ def preprocess_train(image, size, rng, aug_config):
   if aug_config.flip and rng.random() < 0.5:
     image = image[:, ::-1]
   return image
+
+
+def _stored_array(source, size):
+  """The source's in-memory (N, size, size, 3) uint8 array when it has one (CachedSource,
+  DigitsSource at its own size), else None."""
+  images = getattr(source, "images", None)
+  if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (size, size, 3):
+    return images
+  return None
 
 
 # --- the sampler ----------------------------------------------------------------------------------
@@ -300,8 +408,19 @@ def train_batches(source, plan: TrainPlan, config, start_step: int,
   workers = config.data.workers
   pool = concurrent.futures.ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
 
+  stored = _stored_array(source, size)
+  on_device = bool(config.aug.get("on_device", False))
+  if on_device and stored is None:
+    raise ValueError(
+        f"config.aug.on_device=True crops on the accelerator and needs every image stored at "
+        f"{size}x{size}: set config.data.cache=True on a dataset of {size}px images (e.g. "
+        "CIFAR-10 at img_size 32), or use host-side cropping (aug.on_device=False)")
+
   def make(step):
     epoch, idx = train_indices(plan, seed, step)
+    if on_device:
+      # Vectorised gather of the cached images; crop/flip happen in the train step.
+      return {"image": stored[idx], "label": source.labels[idx]}
     fn = lambda i: _read_train(source, size, config.aug, seed, epoch, i)
     items = list(pool.map(fn, idx)) if pool is not None else [fn(i) for i in idx]
     return {"image": np.stack([im for im, _ in items]),
@@ -338,12 +457,24 @@ def eval_batches(source, config, num_examples: int | None = None,
   n = len(source) if not num_examples else min(num_examples, len(source))
   batch_size = batch_size or config.eval_batch_size
   steps, idx, mask = eval_plan(n, batch_size, jax.process_index(), jax.process_count())
+  if n < len(source):
+    # A subset (config.data.eval_examples): a fixed random sample, not the first n, because
+    # folder trees are sorted by class. The same for every run, seed and host.
+    subset = np.sort(np.random.default_rng(12345).permutation(len(source))[:n])
+    idx = np.where(idx >= 0, subset[np.maximum(idx, 0)], -1)
   workers = config.data.workers
   pool = concurrent.futures.ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
   pad = None
 
+  stored = _stored_array(source, size) if config.aug.eval_crop == 1.0 else None
+
   def make(k):
     nonlocal pad
+    if stored is not None:
+      # Images already at the model's size and no centre crop: a vectorised gather.
+      sel = np.maximum(idx[k], 0)
+      return {"image": stored[sel], "label": source.labels[sel].astype(np.int32),
+              "mask": mask[k].astype(np.float32)}
     fn = lambda i: _read_eval(source, size, config.aug.eval_crop, i)
     real = [int(i) for i in idx[k] if i >= 0]
     items = list(pool.map(fn, real)) if pool is not None else [fn(i) for i in real]

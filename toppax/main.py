@@ -12,7 +12,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "bench", "flops", "doctor")
+MODES = ("train", "eval", "bench", "flops", "convert", "study", "doctor")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -60,6 +60,15 @@ def main(argv):
   elif FLAGS.mode == "flops":
     from toppax.tools import flops
     flops.run(config)
+  elif FLAGS.mode == "convert":
+    from toppax import convert
+    convert.run(config, workdir)
+  elif FLAGS.mode == "study":
+    if "study" not in config:
+      raise app.UsageError("--mode=study needs a config with a `study` section, e.g. "
+                           "configs/cifar10.py")
+    from toppax import study
+    study.run(config, workdir)
   elif FLAGS.mode == "doctor":
     from toppax.tools import doctor
     doctor.run(config)

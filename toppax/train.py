@@ -146,13 +146,7 @@ def init_state(config, defs: ModelDefs, tx, mesh):
   """Fresh (or ``config.init_from``) state, created replicated on the mesh by one jit."""
   repl = sharding.replicated(mesh)
   if config.init_from:
-    from toppax import convert
-    model = convert.from_torch(config.model.name, config.init_from, pruning=prune_config(config),
-                               **model_overrides(config))
-    _, params, rngs = nnx.split(model, nnx.Param, ...)
-    params = jax.device_put(nnx.to_pure_dict(params), repl)
-    rngs = jax.device_put(nnx.to_pure_dict(rngs), repl)
-    logging.info("initialised from %s", config.init_from)
+    params, rngs = load_init_params(config, defs, repl)
   else:
     def init():
       _, params, rngs = nnx.split(create_model(config), nnx.Param, ...)
@@ -162,6 +156,27 @@ def init_state(config, defs: ModelDefs, tx, mesh):
   return {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
           "rngs": rngs, "opt_state": opt_state,
           "ema": _fresh_copy(params) if config.ema_decay > 0 else {}}
+
+
+def load_init_params(config, defs: ModelDefs, sharding_):
+  """(params, rngs) of ``config.init_from``: a toppax workdir (its latest checkpoint, EMA copy
+  when ``config.eval_ema``; or a ``--mode=convert`` output) or an official .pth/.npz state dict
+  (toppax.convert.from_torch). The model's RNG streams start fresh from ``config.seed``."""
+  from toppax import checkpointing
+  if checkpointing.is_toppax_dir(config.init_from):
+    params, what = checkpointing.load_params(config.init_from, defs.params,
+                                             use_ema=bool(config.eval_ema), sharding=sharding_)
+    rngs = jax.jit(lambda: nnx.to_pure_dict(nnx.split(create_model(config), nnx.Param, ...)[2]),
+                   out_shardings=sharding_)()
+    logging.info("initialised from the %s", what)
+    return params, rngs
+  from toppax import convert
+  model = convert.from_torch(config.model.name, config.init_from, pruning=prune_config(config),
+                             **model_overrides(config))
+  _, params, rngs = nnx.split(model, nnx.Param, ...)
+  logging.info("initialised from %s", config.init_from)
+  return (jax.device_put(nnx.to_pure_dict(params), sharding_),
+          jax.device_put(nnx.to_pure_dict(rngs), sharding_))
 
 
 def abstract_state(config, defs: ModelDefs, tx, mesh):
@@ -182,7 +197,7 @@ def make_train_step(config, defs: ModelDefs, tx, schedule, mesh):
   base_key = jax.random.key(config.seed)
   ema_decay = float(config.ema_decay)
 
-  def train_step(state, batch):
+  def train_step(state, batch, base_key):
     step = state["step"]
     # Augmentation randomness is a function of (seed, step): resume repeats it exactly.
     images, targets = augment.train_inputs(jax.random.fold_in(base_key, step), batch, config)
@@ -206,8 +221,12 @@ def make_train_step(config, defs: ModelDefs, tx, schedule, mesh):
     return new_state, metrics
 
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(repl, data), out_shardings=(repl, repl),
-                 donate_argnums=(0,))
+  # The seed's key is an argument, not a constant: runs that differ only in their seed compile
+  # to the same program (one persistent-compilation-cache entry serves them all).
+  jitted = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+  base_key = jax.device_put(base_key, repl)
+  return lambda state, batch: jitted(state, batch, base_key)
 
 
 # --- metrics --------------------------------------------------------------------------------------

@@ -70,12 +70,18 @@ def bench_inference(config, variant, batch_size, repeats, warmup) -> float:
       jnp.asarray(_synthetic_batch(config, batch_size)["image"]), config.data.mean,
       config.data.std))
   f = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x))
-  t = time_call(f, nnx.to_pure_dict(params), nnx.to_pure_dict(rngs), images, repeats=repeats,
-                warmup=warmup)
-  return batch_size / t
+  p, r = nnx.to_pure_dict(params), nnx.to_pure_dict(rngs)
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(p, r, images))
+  first = time.perf_counter() - t0
+  t = time_call(f, p, r, images, repeats=repeats, warmup=max(warmup - 1, 0))
+  return batch_size / t, first
 
 
-def bench_train_step(config, variant, per_device_batch, num_devices, repeats, warmup) -> float:
+def bench_train_step(config, variant, per_device_batch, num_devices, repeats, warmup,
+                     first=None) -> float:
+  """Train-step img/s on ``num_devices``; ``first`` (a dict) receives the first step's
+  seconds (compilation included) as ``train_first_s``."""
   from toppax import sharding, train
   c = copy.deepcopy(config)
   p = train.prune_config(c, variant)
@@ -91,8 +97,12 @@ def bench_train_step(config, variant, per_device_batch, num_devices, repeats, wa
   state = train.init_state(c, defs, tx, mesh)
   step = train.make_train_step(c, defs, tx, schedule, mesh)
   batch = sharding.to_global(_synthetic_batch(c, c.batch_size), mesh)
-  for _ in range(warmup):
+  t0 = time.perf_counter()
+  for _ in range(max(warmup, 1)):
     state, m = step(state, batch)
+    if first is not None and "train_first_s" not in first:
+      jax.block_until_ready(state)
+      first["train_first_s"] = time.perf_counter() - t0
   jax.block_until_ready(state)
   times = []
   for _ in range(repeats):
@@ -114,39 +124,57 @@ def run(config, workdir: str | None = None) -> dict:
     c = _variant_config(config, dtype)
     for variant in b.variants:
       for bs in b.batch_sizes:
-        row = {"variant": variant, "dtype": dtype, "batch_per_device": bs,
-               "infer_img_per_s": bench_inference(c, variant, bs, b.repeats, b.warmup)}
+        ips, first_s = bench_inference(c, variant, bs, b.repeats, b.warmup)
+        from toppax import evaluate, train
+        gflops, _ = evaluate.model_gflops(c, train.prune_config(c, variant))
+        row = {"variant": variant, "dtype": dtype, "batch_per_device": bs, "gflops": gflops,
+               "infer_img_per_s": ips, "infer_ms_per_batch": 1e3 * bs / ips,
+               "infer_first_call_s": first_s}
         if b.train:
           for k in dict.fromkeys(k or len(devices) for k in b.devices):
+            first = {}
             row[f"train_img_per_s_{k}dev"] = bench_train_step(c, variant, bs, k, b.repeats,
-                                                              b.warmup)
+                                                              b.warmup, first)
+            row[f"train_first_step_s_{k}dev"] = first["train_first_s"]
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-  table = format_markdown(result)
-  print(table, flush=True)
+        _write(result, workdir)   # after every row: an interrupted run keeps what it measured
+  print(format_markdown(result), flush=True)
+  return result
+
+
+def _write(result, workdir):
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "bench.json"), "w") as f:
       json.dump(result, f, indent=2)
     with open(os.path.join(workdir, "bench.md"), "w") as f:
-      f.write(table + "\n")
-  return result
+      f.write(format_markdown(result) + "\n")
 
 
 def format_markdown(result) -> str:
   rows = result["rows"]
   train_cols = sorted({k for r in rows for k in r if k.startswith("train_img_per_s_")},
                       key=lambda k: int(k.rsplit("_", 1)[1][:-3]))
-  head = ["variant", "dtype", "batch/device", "inference img/s"] + [
+  dense = {(r["dtype"], r["batch_per_device"]): r for r in rows if r["variant"] == "dense"}
+  head = ["variant", "dtype", "batch/device", "GFLOPs", "inference img/s", "ms/batch",
+          "speed-up (FLOPs ratio)", "first call s"] + [
       f"train img/s ({k.rsplit('_', 1)[1][:-3]} dev)" for k in train_cols]
   lines = [f"{result['model']} @ {result['img_size']}px on {result['local_devices']} x "
            f"{result['device']} ({result['backend']}); "
            + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
            "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for r in rows:
-    cells = [r["variant"], r["dtype"], str(r["batch_per_device"]), f"{r['infer_img_per_s']:.1f}"]
+    d = dense.get((r["dtype"], r["batch_per_device"]))
+    ratio = (f"{r['infer_img_per_s'] / d['infer_img_per_s']:.2f}x ({d['gflops'] / r['gflops']:.2f}x)"
+             if d is not None and r is not d and "gflops" in r else "")
+    cells = [r["variant"], r["dtype"], str(r["batch_per_device"]),
+             f"{r['gflops']:.3f}" if "gflops" in r else "", f"{r['infer_img_per_s']:.1f}",
+             f"{r['infer_ms_per_batch']:.2f}" if "infer_ms_per_batch" in r else "", ratio,
+             f"{r['infer_first_call_s']:.1f}" if "infer_first_call_s" in r else ""]
     cells += [f"{r[k]:.1f}" if k in r else "" for k in train_cols]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append(f"median of {result['repeats']} timed calls after {result['warmup']} warm-up "
-               "calls, block_until_ready; train = full data-parallel step.")
+               "calls, block_until_ready; train = full data-parallel step; first call s = the "
+               "first jitted call (tracing + compilation + one run); GFLOPs: toppax.tools.flops.")
   return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""--mode=study end to end on a tiny CIFAR-shaped zip; zip sources, cached decode, on-device
+crops, eval subsets, init_from a toppax workdir, --mode=convert."""
+import io
+import json
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import cifar10
+from toppax import augment, checkpointing, input_pipeline as ip, study, train
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def _zip(path, top, per_class, seed):
+  """A class-per-folder zip of 32x32 PNGs whose class is visible (a bright row per class)."""
+  rng = np.random.default_rng(seed)
+  with zipfile.ZipFile(path, "w") as z:
+    for label, cls in enumerate(CLASSES):
+      for i in range(per_class):
+        im = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+        im[3 * label:3 * label + 3] = 255
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        z.writestr(f"{top}/{cls}/{i:04d}.png", buf.getvalue())
+  return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cifar_like")
+  _zip(d / "cifar10-train20k.zip", "train", 8, 0)
+  _zip(d / "cifar10-test.zip", "test", 4, 1)
+  return str(d)
+
+
+def test_zip_folder_source_reads_the_archive_as_a_class_tree(data_dir):
+  s = ip.FolderSource(os.path.join(data_dir, "cifar10-test.zip"))
+  assert s.classes == CLASSES and len(s) == 40 and s.num_classes == 10
+  image, label = s.read(13)
+  assert image.shape == (32, 32, 3) and label == 3
+  assert image[9:12].min() == 255            # the bright rows of class 3
+  inner = ip.FolderSource(os.path.join(data_dir, "cifar10-test.zip") + "/test")
+  assert inner.files == s.files
+  with pytest.raises(ip.DatasetNotFoundError, match="does not exist"):
+    ip.FolderSource(os.path.join(data_dir, "missing.zip"))
+  bad = os.path.join(data_dir, "bad.zip")
+  with open(bad, "wb") as f:
+    f.write(b"not a zip")
+  with pytest.raises(ip.DatasetNotFoundError, match="not a readable zip"):
+    ip.FolderSource(bad)
+
+
+def test_cached_source_and_vectorised_batches_match_the_per_image_path(data_dir):
+  c = cifar10.get_config(f"runlocal,data={data_dir}")
+  src = ip.FolderSource(c.data.eval_dir)
+  cached = ip.CachedSource(src, workers=2)
+  assert cached.images.shape == (40, 32, 32, 3)
+  c.unlock()
+  c.eval_batch_size = 16
+  fast = list(ip.eval_batches(cached, c))
+  slow = list(ip.eval_batches(src, c))
+  assert len(fast) == len(slow) == 3
+  for a, b in zip(fast, slow):
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+    m = a["mask"] > 0
+    np.testing.assert_array_equal(a["image"][m], b["image"][m])
+    np.testing.assert_array_equal(a["label"][m], b["label"][m])
+
+
+def test_an_eval_subset_is_a_fixed_sample_across_classes(data_dir):
+  c = cifar10.get_config(f"runlocal,data={data_dir}")
+  src = ip.CachedSource(ip.FolderSource(c.data.eval_dir), workers=1)
+  labels = [b["label"][b["mask"] > 0] for b in ip.eval_batches(src, c, num_examples=20)]
+  labels = np.concatenate(labels)
+  assert len(labels) == 20 and len(set(labels.tolist())) >= 5   # not the first 20 (5 classes)
+  again = np.concatenate([b["label"][b["mask"] > 0] for b in ip.eval_batches(src, c, 20)])
+  np.testing.assert_array_equal(labels, again)
+
+
+def test_on_device_pad_crop_flip_keeps_pixels_and_shifts_at_most_pad():
+  x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  y = augment.pad_crop_flip(jax.random.key(0), x, pad=2, flip=False)
+  assert y.shape == x.shape
+  # Each output is a window of the reflect-padded image: its centre 4x4 block is in x.
+  for i in range(2):
+    block = np.asarray(y[i, 2:6, 2:6, 0])
+    found = any(np.array_equal(block, np.asarray(x[i, r:r + 4, c:c + 4, 0]))
+                for r in range(5) for c in range(5))
+    assert found
+  flipped = augment.pad_crop_flip(jax.random.key(1), x, pad=0, flip=True)
+  for i in range(2):
+    assert (np.array_equal(flipped[i], x[i]) or np.array_equal(flipped[i], x[i, :, ::-1]))
+
+
+def test_on_device_crops_need_cached_equal_size_images(data_dir):
+  c = cifar10.get_config(f"runlocal,data={data_dir}")
+  src = ip.FolderSource(c.data.train_dir)   # not cached
+  plan = ip.TrainPlan(len(src), c.batch_size)
+  with pytest.raises(ValueError, match="data.cache=True"):
+    next(iter(ip.train_batches(src, plan, c, 0, 1)))
+
+
+def test_study_runs_resumes_and_reports(data_dir, tmp_path):
+  c = cifar10.get_config(f"runlocal,data={data_dir}")
+  c.unlock()
+  c.study.methods = ("top",)
+  c.study.importances = ("clip",)
+  c.study.finetune_steps = 2
+  c.total_steps = 4
+  c.checkpoint_every = 2
+  c.data.eval_examples = 0
+  out = study.run(c, str(tmp_path))
+  rows = {r["key"]: r for r in out["rows"]}
+  assert set(rows) == {"seed0/dense/r1/-", "seed0/top/r0.5/clip", "seed0/dense+ft/r1/-"}
+  top, dense = rows["seed0/top/r0.5/clip"], rows["seed0/dense/r1/-"]
+  assert top["tokens"] == "65 -> 33 -> 17 -> 9" and top["gflops"] < dense["gflops"]
+  for r in out["rows"]:
+    for k in ("zero_shot_top1", "finetuned_top1"):
+      assert r[k] is None or 0.0 <= r[k] <= 1.0
+  assert top["zero_shot_top1"] is not None and top["finetuned_top1"] is not None
+  for name in ("study.md", "study.png", "study.json", "study-seed0.json"):
+    assert os.path.getsize(tmp_path / name) > 0
+  assert "ToP (alignment)" in (tmp_path / "study.md").read_text()
+  # The dense model was exported as parameters the fine-tunes start from.
+  assert os.path.isdir(tmp_path / "seed0" / "dense" / "params")
+  # A rerun trains nothing and reports the same rows.
+  before = os.path.getmtime(tmp_path / "study-seed0.json")
+  again = study.run(c, str(tmp_path))
+  assert os.path.getmtime(tmp_path / "study-seed0.json") == before
+  assert {r["key"] for r in again["rows"]} == set(rows)
+
+
+def test_study_rejects_bad_settings(data_dir, tmp_path):
+  c = cifar10.get_config(f"runlocal,data={data_dir}")
+  c.unlock()
+  c.study.keep_ratios = (1.5,)
+  with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+    study.run(c, str(tmp_path))
+  c.study.keep_ratios = (0.5,)
+  c.study.methods = ("random",)
+  with pytest.raises(ValueError, match="unknown"):
+    study.run(c, str(tmp_path))
+
+
+def test_load_params_checks_shapes_and_reads_exported_params(tmp_path):
+  c = cifar10.get_config("runlocal")
+  defs = train.model_defs(c)
+  params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), defs.params)
+  checkpointing.save_params(str(tmp_path / "w"), params, {}, {"note": "test"})
+  got, what = checkpointing.load_params(str(tmp_path / "w"), defs.params)
+  assert "converted parameters" in what
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  c.unlock()
+  c.model.embed_dim = 48
+  with pytest.raises(checkpointing.CheckpointError, match="do not fit"):
+    checkpointing.load_params(str(tmp_path / "w"), train.model_defs(c).params)
+  with pytest.raises(checkpointing.CheckpointError, match="exists already"):
+    checkpointing.save_params(str(tmp_path / "w"), params, {}, {})

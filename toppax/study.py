@@ -1,0 +1,350 @@
+"""``--mode=study``: does alignment beat removal? Dense training, then pruning at matched GFLOPs.
+
+For each seed in ``config.study.seeds``:
+
+1. train the dense model (``toppax.train``, workdir ``<workdir>/seed<S>/dense``);
+2. for every pruning method (``top``: alignment, ``removal``, ``evit``: fused token) and keep
+   ratio in ``config.study.keep_ratios``, and for the importance ablation (``config.study.
+   importances`` at ``ablation_ratio`` with ToP): evaluate the dense weights pruned as they are
+   (zero-shot), then fine-tune them pruned for ``finetune_epochs`` (same budget for every
+   method) and evaluate again;
+3. fine-tune the dense model with that same budget too ("dense+ft"), so that the gain of the
+   pruned fine-tunes is not confused with plain extra training.
+
+Every finished entry goes to ``<workdir>/study.json`` at once; a rerun (or a killed one)
+skips what is there, and the training runs resume from their checkpoints. Then
+``study.md`` (per-seed rows and means over seeds), ``study.png`` (top-1 vs GFLOPs,
+zero-shot and fine-tuned) are written next to it. All methods at one keep ratio keep the same
+number of tokens per stage; their GFLOPs (toppax.tools.flops) differ only by ToP's alignment
+decay and EViT's one fused token, and are reported per row.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import statistics
+import time
+
+import jax
+
+from toppax import evaluate, input_pipeline, sharding, train
+
+METHODS = ("top", "removal", "evit")
+LABELS = {"top": "ToP (alignment)", "removal": "removal", "evit": "EViT (fused token)",
+          "dense": "dense", "dense+ft": "dense + same fine-tune"}
+
+
+def _key(seed, method, ratio, importance):
+  return f"seed{seed}/{method}/r{ratio:g}/{importance}"
+
+
+def _check(config):
+  s = config.study
+  bad = [m for m in s.methods if m not in METHODS]
+  if bad:
+    raise ValueError(f"config.study.methods: unknown {bad}; choose from {METHODS}")
+  for r in list(s.keep_ratios) + [s.ablation_ratio]:
+    if not 0.0 < float(r) <= 1.0:
+      raise ValueError(f"keep ratio {r} is outside (0, 1]: fix config.study.keep_ratios / "
+                       "ablation_ratio")
+  if not config.pruning.layers:
+    raise ValueError("config.pruning.layers is empty: the study prunes after those blocks")
+  if not s.seeds:
+    raise ValueError("config.study.seeds is empty")
+
+
+def _with(config, **fields):
+  c = copy.deepcopy(config)
+  c.unlock()
+  for k, v in fields.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    old = node.get(leaf)
+    if isinstance(old, int) and not isinstance(old, bool) and isinstance(v, float):
+      if not v.is_integer():
+        raise ValueError(f"config.{k} is an integer field; got {v}")
+      v = int(v)
+    node[leaf] = v
+  return c
+
+
+def _pruned(config, method, ratio, importance):
+  if method == "dense":
+    return _with(config, **{"pruning.enabled": False})
+  return _with(config, **{"pruning.enabled": True, "pruning.keep_ratio": float(ratio),
+                          "pruning.importance": importance,
+                          "pruning.alignment": method == "top",
+                          "pruning.fused_token": method == "evit"})
+
+
+def _finetune(config, dense_dir, workdir_seed):
+  s = config.study
+  return _with(config, init_from=dense_dir, num_epochs=s.finetune_epochs,
+               total_steps=int(s.finetune_steps),
+               lr=float(s.finetune_lr), min_lr=float(s.finetune_min_lr), warmup_epochs=0.0,
+               eval_every_epochs=0.0, ema_decay=float(s.finetune_ema_decay), compare=(),
+               **{"model.drop_path_rate": float(s.finetune_drop_path),
+                  "checkpoint_every": 10**9, "keep_checkpoints": 1})
+
+
+def _top1(result):
+  return result.get("eval_ema/top1", result.get("eval/top1"))
+
+
+class _Results:
+  """One seed's finished entries: ``<workdir>/study-seed<S>.json`` (one file per seed, so that
+  seeds can run as separate processes on one workdir, e.g. two on one GPU)."""
+
+  def __init__(self, path):
+    self.path = path
+    self.rows = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        self.rows = {r["key"]: r for r in json.load(f)["rows"]}
+      logging.info("study: %d finished entries in %s are kept", len(self.rows), path)
+    self.header = {}
+
+  def save(self):
+    if jax.process_index() != 0:
+      return
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({**self.header, "rows": list(self.rows.values())}, f, indent=2)
+    os.replace(tmp, self.path)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) the study; returns ``{"rows": [...], "summary": [...]}``."""
+  _check(config)
+  s = config.study
+  os.makedirs(workdir, exist_ok=True)
+  from toppax.tools import bench
+  header = {"model": config.model.to_dict(), "pruning_layers": list(config.pruning.layers),
+            "study": s.to_dict(), "train": {"epochs": config.num_epochs,
+                                             "batch_size": config.batch_size, "lr": config.lr},
+            "device": jax.devices()[0].device_kind, "versions": bench.versions()}
+  mesh = sharding.make_mesh()
+  eval_source = None
+  entries = [(m, float(r), s.importance) for r in s.keep_ratios for m in s.methods]
+  entries += [("top", float(s.ablation_ratio), imp) for imp in s.importances
+              if ("top", float(s.ablation_ratio), imp) not in entries]
+  entries.append(("dense+ft", 1.0, "-"))
+  total = len(entries) + 1
+  t0, done_now = time.perf_counter(), 0
+
+  for seed in s.seeds:
+    results = _Results(os.path.join(workdir, f"study-seed{seed}.json"))
+    results.header = header
+    cs = _with(config, seed=int(seed), compare=())
+    seed_dir = os.path.join(workdir, f"seed{seed}")
+    dense_dir = os.path.join(seed_dir, "dense")
+    key = _key(seed, "dense", 1.0, "-")
+    dense = _pruned(cs, "dense", 1.0, "-")
+    if key not in results.rows:
+      logging.info("study: training the dense model, seed %d (%s)", seed, dense_dir)
+      t = time.perf_counter()
+      res = train.train_and_evaluate(dense, dense_dir)
+      _export_dense(dense, dense_dir, mesh)
+      results.rows[key] = _row(dense, key, seed, "dense", 1.0, "-", _top1(res), None,
+                               train_s=time.perf_counter() - t)
+      results.save()
+      done_now += 1
+    if all(_key(seed, *e) in results.rows for e in entries):
+      continue
+    defs = train.model_defs(dense)
+    params, _ = _dense_params(dense, dense_dir, defs, mesh)
+    eval_source = eval_source or input_pipeline.make_source(config.data, "eval")
+
+    for method, ratio, importance in entries:
+      key = _key(seed, method, ratio, importance)
+      if key in results.rows:
+        continue
+      c = _pruned(cs, "dense" if method == "dense+ft" else method, ratio, importance)
+      zero = None
+      if method != "dense+ft":
+        pdefs = train.model_defs(c)
+        zero = evaluate.evaluate(c, pdefs.eval, params, _fresh_rngs(c, mesh), eval_source, mesh)
+      name = f"{method}-r{ratio:g}-{importance}".replace("+", "_")
+      t = time.perf_counter()
+      res = train.train_and_evaluate(_finetune(c, dense_dir, seed_dir),
+                                     os.path.join(seed_dir, name))
+      results.rows[key] = _row(c, key, seed, method, ratio, importance,
+                               None if zero is None else zero["top1"], _top1(res),
+                               train_s=time.perf_counter() - t)
+      results.save()
+      done_now += 1
+      left = (len(entries) + 1) - len(results.rows)
+      rate = (time.perf_counter() - t0) / max(done_now, 1)
+      logging.info("study: %s zero-shot %s fine-tuned %.2f%% | %d/%d entries, ETA %s", key,
+                   "-" if zero is None else f"{100 * zero['top1']:.2f}%", 100 * _top1(res),
+                   len(results.rows), total, train._fmt_time(left * rate))
+  return write_report(workdir)
+
+
+def _export_dense(config, dense_dir, mesh):
+  """The trained dense model's evaluation parameters as ``<dense_dir>/params`` (the format of
+  --mode=convert): what the fine-tunes start from, small enough to move between machines."""
+  from toppax import checkpointing
+  if os.path.isdir(os.path.join(dense_dir, checkpointing.PARAMS_DIR)):
+    return
+  defs = train.model_defs(config)
+  params, what = checkpointing.load_params(os.path.join(dense_dir, "checkpoints"), defs.params,
+                                           use_ema=bool(config.eval_ema),
+                                           sharding=sharding.replicated(mesh))
+  checkpointing.save_params(dense_dir, params, _fresh_rngs(config, mesh),
+                            {"source": what, "model": config.model.to_dict()})
+
+
+def _fresh_rngs(config, mesh):
+  from flax import nnx
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.split(train.create_model(config), nnx.Param,
+                                                    ...)[2]),
+                 out_shardings=sharding.replicated(mesh))()
+
+
+def _dense_params(config, dense_dir, defs, mesh):
+  from toppax import checkpointing
+  return checkpointing.load_params(dense_dir, defs.params, use_ema=bool(config.eval_ema),
+                                   sharding=sharding.replicated(mesh))
+
+
+def _row(c, key, seed, method, ratio, importance, zero_top1, ft_top1, train_s):
+  pruning = train.prune_config(c)
+  gflops, _ = evaluate.model_gflops(c, pruning)
+  return {"key": key, "seed": int(seed), "method": method, "keep_ratio": float(ratio),
+          "importance": importance, "tokens": evaluate.token_counts(c, pruning),
+          "gflops": gflops, "zero_shot_top1": zero_top1, "finetuned_top1": ft_top1,
+          "train_seconds": round(float(train_s), 1)}
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def _mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(mean, std):
+  if mean is None:
+    return "-"
+  return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def summarize(rows) -> list[dict]:
+  """Means (and sample std) over seeds per (method, keep ratio, importance)."""
+  groups = {}
+  for r in rows:
+    groups.setdefault((r["method"], r["keep_ratio"], r["importance"]), []).append(r)
+  out = []
+  for (method, ratio, importance), rs in groups.items():
+    zm, zs = _mean_std([r["zero_shot_top1"] for r in rs])
+    fm, fs = _mean_std([r["finetuned_top1"] for r in rs])
+    out.append({"method": method, "keep_ratio": ratio, "importance": importance,
+                "tokens": rs[0]["tokens"], "gflops": rs[0]["gflops"], "seeds": len(rs),
+                "zero_shot_mean": zm, "zero_shot_std": zs, "finetuned_mean": fm,
+                "finetuned_std": fs})
+  order = {m: i for i, m in enumerate(("dense", "dense+ft") + METHODS)}
+  out.sort(key=lambda g: (-g["keep_ratio"], order.get(g["method"], 9), g["importance"]))
+  return out
+
+
+def format_report(data) -> str:
+  rows, summary = data["rows"], summarize(data["rows"])
+  imp = data["study"]["importance"]
+  main_rows = [g for g in summary if g["importance"] in (imp, "-")]
+  lines = ["| method | keep ratio | tokens per stage | GFLOPs | seeds | zero-shot top-1 % | "
+           "fine-tuned top-1 % |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+  for g in main_rows:
+    zs = _fmt(g["zero_shot_mean"], g["zero_shot_std"])
+    ft = _fmt(g["finetuned_mean"], g["finetuned_std"])
+    lines.append(f"| {LABELS.get(g['method'], g['method'])} | {g['keep_ratio']:g} | "
+                 f"{g['tokens']} | {g['gflops']:.4f} | {g['seeds']} | {zs} | {ft} |")
+  abl = [g for g in summary if g["method"] == "top" and
+         g["keep_ratio"] == float(data["study"]["ablation_ratio"])]
+  if len(abl) > 1:
+    lines += ["", f"Importance ablation (ToP, keep ratio {data['study']['ablation_ratio']:g}):",
+              "", "| importance | zero-shot top-1 % | fine-tuned top-1 % |",
+              "| --- | ---: | ---: |"]
+    for g in sorted(abl, key=lambda g: g["importance"]):
+      lines.append(f"| {g['importance']} | {_fmt(g['zero_shot_mean'], g['zero_shot_std'])} | "
+                   f"{_fmt(g['finetuned_mean'], g['finetuned_std'])} |")
+  lines += ["", "Per seed:", "", "| seed | method | keep ratio | importance | zero-shot % | "
+            "fine-tuned % | train s |", "| ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+  for r in sorted(rows, key=lambda r: (r["seed"], -r["keep_ratio"], r["method"],
+                                       r["importance"])):
+    z = "-" if r["zero_shot_top1"] is None else f"{100 * r['zero_shot_top1']:.2f}"
+    f = "-" if r["finetuned_top1"] is None else f"{100 * r['finetuned_top1']:.2f}"
+    lines.append(f"| {r['seed']} | {r['method']} | {r['keep_ratio']:g} | {r['importance']} | "
+                 f"{z} | {f} | {r['train_seconds']:.0f} |")
+  lines.append("")
+  lines.append(f"{data.get('device', '?')}; " + ", ".join(
+      f"{k} {v}" for k, v in data.get("versions", {}).items()) + "; ± is the sample standard "
+      "deviation over seeds; dense: the trained model unpruned (its zero-shot column); dense + "
+      "same fine-tune: the dense model given the pruned models' fine-tuning budget.")
+  return "\n".join(lines)
+
+
+def plot(data, path):
+  """Top-1 vs GFLOPs per method: zero-shot (left) and fine-tuned (right), dense as a point."""
+  from toppax.tools import visualize
+  summary = summarize(data["rows"])
+  imp = data["study"]["importance"]
+  fig, axes = visualize.new_figure(2)
+  dense = next((g for g in summary if g["method"] == "dense"), None)
+  for ax, field, title in ((axes[0, 0], "zero_shot_mean", "zero-shot (no fine-tuning)"),
+                           (axes[0, 1], "finetuned_mean", "after the same short fine-tune")):
+    curves = {}
+    for m in METHODS:
+      pts = sorted((g["gflops"], g[field]) for g in summary
+                   if g["method"] == m and g["importance"] == imp and g[field] is not None)
+      if pts:
+        curves[LABELS[m]] = ([p[0] for p in pts], [p[1] for p in pts])
+    if dense is not None:
+      curves["dense"] = ([dense["gflops"]], [dense["zero_shot_mean"]])
+      ft = next((g for g in summary if g["method"] == "dense+ft"), None)
+      if field == "finetuned_mean" and ft is not None and ft["finetuned_mean"] is not None:
+        curves[LABELS["dense+ft"]] = ([ft["gflops"]], [ft["finetuned_mean"]])
+    visualize.plot_curves(curves, xlabel="GFLOPs per image", ylabel="top-1", title=title,
+                          ax=ax, percent=True)
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def load(workdir) -> dict:
+  """All seeds' entries of a study workdir: the header of one file and every row."""
+  import glob
+  paths = sorted(glob.glob(os.path.join(workdir, "study-seed*.json")))
+  if not paths:
+    raise FileNotFoundError(f"no study-seed*.json in {workdir}: run --mode=study first")
+  data = None
+  for p in paths:
+    with open(p) as f:
+      d = json.load(f)
+    if data is None:
+      data = d
+    else:
+      data["rows"] += d["rows"]
+  return data
+
+
+def write_report(workdir) -> dict:
+  """``study.md``, ``study.png`` and ``study.json`` (all seeds) from the per-seed files."""
+  data = load(workdir)
+  if jax.process_index() != 0:
+    return data
+  with open(os.path.join(workdir, "study.json"), "w") as f:
+    json.dump({**data, "summary": summarize(data["rows"])}, f, indent=2)
+  table = format_report(data)
+  with open(os.path.join(workdir, "study.md"), "w") as f:
+    f.write(table + "\n")
+  plot(data, os.path.join(workdir, "study.png"))
+  print(table, flush=True)
+  data["summary"] = summarize(data["rows"])
+  return data
