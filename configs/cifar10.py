@@ -16,14 +16,15 @@ RandAugment n2 m9, reflect-pad-4 random crops and flips on the accelerator, drop
 
 Measured results, commands and seeds: docs/RESULTS.md. Arguments: ``data=DIR`` (folder with
 the zips), ``epochs=N`` (dense training), ``ft_epochs=N``, ``seeds=0+1`` ('+'-separated),
-``ratios=0.5+0.7+0.9``, ``runlocal`` (a seconds-long CPU smoke run of the whole study).
+``ratios=0.5+0.7+0.9``, ``part=i/n`` (this process runs every n-th study entry: n processes
+on one workdir and GPU), ``runlocal`` (a seconds-long CPU smoke run of the whole study).
 """
 from configs import common
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, data="../shared/data/cifar10", epochs=100,
-                       ft_epochs=5, seeds="0+1", ratios="0.5+0.7+0.9", top=False)
+                       ft_epochs=5, seeds="0+1", ratios="0.5+0.7+0.9", part="", top=False)
   c = common.base_config()
   c.model.name = "vim_t"
   c.model.img_size = 32
@@ -74,7 +75,8 @@ def get_config(arg=None):
 
   c.study = common.study(seeds=tuple(int(s) for s in a.seeds.split("+")),
                          keep_ratios=tuple(float(r) for r in a.ratios.split("+")),
-                         ablation_ratio=0.7, finetune_epochs=a.ft_epochs, finetune_lr=1e-4)
+                         ablation_ratio=0.7, finetune_epochs=a.ft_epochs, finetune_lr=1e-4,
+                         part=a.part)
 
   c.bench.batch_sizes = (256,)
   c.bench.dtypes = ("bfloat16",)

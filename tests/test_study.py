@@ -163,3 +163,11 @@ def test_load_params_checks_shapes_and_reads_exported_params(tmp_path):
     checkpointing.load_params(str(tmp_path / "w"), train.model_defs(c).params)
   with pytest.raises(checkpointing.CheckpointError, match="exists already"):
     checkpointing.save_params(str(tmp_path / "w"), params, {}, {})
+
+
+def test_study_parts_split_the_entries():
+  assert study._part("") == (0, 1)
+  assert study._part("1/3") == (1, 3)
+  for bad in ("3/3", "x", "1/0"):
+    with pytest.raises(ValueError, match="config.study.part"):
+      study._part(bad)

@@ -23,9 +23,8 @@ from toppax import augment, input_pipeline, sharding
 @functools.lru_cache(maxsize=16)
 def _eval_step(graphdef, mean, std, mesh):
   def step(params, rngs, batch):
-    model = nnx.merge(graphdef, params, rngs)
     images = augment.normalize(batch["image"], mean, std)
-    logits = model(images).astype(jnp.float32)
+    logits = sharding.apply_model(graphdef, params, rngs, images, mesh)[0].astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]

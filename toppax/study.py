@@ -99,7 +99,7 @@ class _Results:
   """One seed's finished entries: ``<workdir>/study-seed<S>.json`` (one file per seed, so that
   seeds can run as separate processes on one workdir, e.g. two on one GPU)."""
 
-  def __init__(self, path):
+  def __init__(self, path, others=()):
     self.path = path
     self.rows = {}
     if os.path.exists(path):
@@ -107,6 +107,16 @@ class _Results:
         self.rows = {r["key"]: r for r in json.load(f)["rows"]}
       logging.info("study: %d finished entries in %s are kept", len(self.rows), path)
     self.header = {}
+    self.others = tuple(others)
+
+  def done(self) -> set:
+    """Keys finished here or in the seed's other files (other parts, earlier runs)."""
+    keys = set(self.rows)
+    for p in self.others:
+      if p != self.path and os.path.exists(p):
+        with open(p) as f:
+          keys |= {r["key"] for r in json.load(f)["rows"]}
+    return keys
 
   def save(self):
     if jax.process_index() != 0:
@@ -133,18 +143,27 @@ def run(config, workdir: str) -> dict:
   entries += [("top", float(s.ablation_ratio), imp) for imp in s.importances
               if ("top", float(s.ablation_ratio), imp) not in entries]
   entries.append(("dense+ft", 1.0, "-"))
+  part, parts = _part(s.get("part", ""))
+  # With parts (several processes sharing one workdir and GPU), process i takes every n-th
+  # entry; seeds after the first then hit the persistent compilation cache of their own part.
+  entries = [e for k, e in enumerate(entries) if k % parts == part]
   total = len(entries) + 1
   t0, done_now = time.perf_counter(), 0
 
   for seed in s.seeds:
-    results = _Results(os.path.join(workdir, f"study-seed{seed}.json"))
+    import glob
+    suffix = f"-part{part}of{parts}" if parts > 1 else ""
+    own = os.path.join(workdir, f"study-seed{seed}{suffix}.json")
+    results = _Results(own, glob.glob(os.path.join(workdir, f"study-seed{seed}*.json")))
     results.header = header
     cs = _with(config, seed=int(seed), compare=())
     seed_dir = os.path.join(workdir, f"seed{seed}")
     dense_dir = os.path.join(seed_dir, "dense")
     key = _key(seed, "dense", 1.0, "-")
     dense = _pruned(cs, "dense", 1.0, "-")
-    if key not in results.rows:
+    if key not in results.done() and part > 0:
+      _wait_for_dense(dense_dir, seed)
+    elif key not in results.done():
       logging.info("study: training the dense model, seed %d (%s)", seed, dense_dir)
       t = time.perf_counter()
       res = train.train_and_evaluate(dense, dense_dir)
@@ -153,7 +172,7 @@ def run(config, workdir: str) -> dict:
                                train_s=time.perf_counter() - t)
       results.save()
       done_now += 1
-    if all(_key(seed, *e) in results.rows for e in entries):
+    if all(_key(seed, *e) in results.done() for e in entries):
       continue
     defs = train.model_defs(dense)
     params, _ = _dense_params(dense, dense_dir, defs, mesh)
@@ -161,7 +180,7 @@ def run(config, workdir: str) -> dict:
 
     for method, ratio, importance in entries:
       key = _key(seed, method, ratio, importance)
-      if key in results.rows:
+      if key in results.done():
         continue
       c = _pruned(cs, "dense" if method == "dense+ft" else method, ratio, importance)
       zero = None
@@ -177,12 +196,34 @@ def run(config, workdir: str) -> dict:
                                train_s=time.perf_counter() - t)
       results.save()
       done_now += 1
-      left = (len(entries) + 1) - len(results.rows)
+      left = sum(1 for e in entries if _key(seed, *e) not in results.done())
       rate = (time.perf_counter() - t0) / max(done_now, 1)
       logging.info("study: %s zero-shot %s fine-tuned %.2f%% | %d/%d entries, ETA %s", key,
                    "-" if zero is None else f"{100 * zero['top1']:.2f}%", 100 * _top1(res),
-                   len(results.rows), total, train._fmt_time(left * rate))
+                   total - left, total, train._fmt_time(left * rate))
   return write_report(workdir)
+
+
+def _part(spec):
+  """``"i/n"`` -> (i, n); "" -> (0, 1)."""
+  if not spec:
+    return 0, 1
+  try:
+    i, n = (int(x) for x in str(spec).split("/"))
+  except ValueError:
+    raise ValueError(f"config.study.part={spec!r}: expected 'i/n', e.g. '0/2'") from None
+  if not 0 <= i < n:
+    raise ValueError(f"config.study.part={spec!r}: need 0 <= i < n")
+  return i, n
+
+
+def _wait_for_dense(dense_dir, seed, poll_s=10.0):
+  """Parts other than 0 wait for part 0 to train and export the seed's dense model."""
+  from toppax import checkpointing
+  where = os.path.join(dense_dir, checkpointing.PARAMS_DIR)
+  logging.info("study: waiting for part 0 to train the dense model of seed %d (%s)", seed, where)
+  while not os.path.exists(os.path.join(dense_dir, "params_meta.json")):
+    time.sleep(poll_s)
 
 
 def _export_dense(config, dense_dir, mesh):
@@ -323,14 +364,13 @@ def load(workdir) -> dict:
   paths = sorted(glob.glob(os.path.join(workdir, "study-seed*.json")))
   if not paths:
     raise FileNotFoundError(f"no study-seed*.json in {workdir}: run --mode=study first")
-  data = None
+  data, rows = None, {}
   for p in paths:
     with open(p) as f:
       d = json.load(f)
-    if data is None:
-      data = d
-    else:
-      data["rows"] += d["rows"]
+    data = data or d
+    rows.update({r["key"]: r for r in d["rows"]})
+  data["rows"] = list(rows.values())
   return data
 
 

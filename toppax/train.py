@@ -203,10 +203,9 @@ def make_train_step(config, defs: ModelDefs, tx, schedule, mesh):
     images, targets = augment.train_inputs(jax.random.fold_in(base_key, step), batch, config)
 
     def loss_fn(params, rngs):
-      model = nnx.merge(defs.train, params, rngs)
-      logits = model(images)
+      logits, new_rngs = sharding.apply_model(defs.train, params, rngs, images, mesh)
       loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-      return loss, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+      return loss, new_rngs
 
     (loss, rngs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"],
                                                                      state["rngs"])
