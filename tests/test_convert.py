@@ -90,3 +90,41 @@ def test_wrong_image_size_names_the_expected_size():
   model = from_torch("vim_t", sd, **overrides)
   with pytest.raises(ValueError, match=r"\(batch, 64, 64, 3\)"):
     model(jnp.zeros((1, 32, 32, 3)))
+
+
+def test_convert_mode_writes_params_that_init_from_reads(tmp_path):
+  """--mode=convert: official state dict -> <workdir>/params; init_from=<workdir> gives the
+  same model (same logits) without torch; converting twice into one workdir refuses."""
+  import jax
+  from flax import nnx
+
+  from configs import vim_t
+  from toppax import convert, sharding, train
+  sd, arrays, overrides = _golden()
+  npz = tmp_path / "official.npz"
+  np.savez(npz, **sd)
+  c = vim_t.get_config("runlocal")
+  c.unlock()
+  for k in ("img_size", "patch_size", "depth", "embed_dim"):
+    c.model[k] = overrides[k]
+  c.data.num_classes = overrides["num_classes"]
+  c.init_from = str(npz)
+  workdir = tmp_path / "converted"
+  convert.run(c, str(workdir))
+  assert (workdir / "params").is_dir() and (workdir / "params_meta.json").is_file()
+  with pytest.raises(Exception, match="exists already"):
+    convert.run(c, str(workdir))
+
+  c.init_from = str(workdir)
+  defs = train.model_defs(c)
+  mesh = sharding.make_mesh(1)
+  params, rngs = train.load_init_params(c, defs, sharding.replicated(mesh))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (2, overrides["img_size"], overrides["img_size"], 3)), jnp.float32)
+  ours = nnx.merge(defs.eval, params, rngs)(x)
+  ref = from_torch("vim_t", sd, **{k: overrides[k] for k in OVERRIDES})
+  ref.eval()
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref(x)), atol=1e-5, rtol=1e-5)
+  c.init_from = str(workdir)
+  with pytest.raises(ValueError, match="toppax parameters already"):
+    convert.run(c, str(tmp_path / "again"))
