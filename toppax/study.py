@@ -21,6 +21,7 @@ decay and EViT's one fused token, and are reported per row.
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import logging
 import os
@@ -81,7 +82,7 @@ def _pruned(config, method, ratio, importance):
                           "pruning.fused_token": method == "evit"})
 
 
-def _finetune(config, dense_dir, workdir_seed):
+def _finetune(config, dense_dir):
   s = config.study
   return _with(config, init_from=dense_dir, num_epochs=s.finetune_epochs,
                total_steps=int(s.finetune_steps),
@@ -150,11 +151,11 @@ def run(config, workdir: str) -> dict:
   total = len(entries) + 1
   t0, done_now = time.perf_counter(), 0
 
-  for seed in s.seeds:
-    import glob
+  for n_seed, seed in enumerate(s.seeds):
     suffix = f"-part{part}of{parts}" if parts > 1 else ""
     own = os.path.join(workdir, f"study-seed{seed}{suffix}.json")
-    results = _Results(own, glob.glob(os.path.join(workdir, f"study-seed{seed}*.json")))
+    results = _Results(own, [os.path.join(workdir, f"study-seed{seed}.json")] + glob.glob(
+        os.path.join(workdir, f"study-seed{seed}-part*.json")))
     results.header = header
     cs = _with(config, seed=int(seed), compare=())
     seed_dir = os.path.join(workdir, f"seed{seed}")
@@ -186,10 +187,12 @@ def run(config, workdir: str) -> dict:
       zero = None
       if method != "dense+ft":
         pdefs = train.model_defs(c)
-        zero = evaluate.evaluate(c, pdefs.eval, params, _fresh_rngs(c, mesh), eval_source, mesh)
+        zero = evaluate.evaluate(c, pdefs.eval, params,
+                                 train.fresh_rngs(c, sharding.replicated(mesh)), eval_source,
+                                 mesh)
       name = f"{method}-r{ratio:g}-{importance}".replace("+", "_")
       t = time.perf_counter()
-      res = train.train_and_evaluate(_finetune(c, dense_dir, seed_dir),
+      res = train.train_and_evaluate(_finetune(c, dense_dir),
                                      os.path.join(seed_dir, name))
       results.rows[key] = _row(c, key, seed, method, ratio, importance,
                                None if zero is None else zero["top1"], _top1(res),
@@ -197,10 +200,12 @@ def run(config, workdir: str) -> dict:
       results.save()
       done_now += 1
       left = sum(1 for e in entries if _key(seed, *e) not in results.done())
+      later = (len(s.seeds) - n_seed - 1) * total    # the next seeds' entries, dense included
       rate = (time.perf_counter() - t0) / max(done_now, 1)
-      logging.info("study: %s zero-shot %s fine-tuned %.2f%% | %d/%d entries, ETA %s", key,
-                   "-" if zero is None else f"{100 * zero['top1']:.2f}%", 100 * _top1(res),
-                   total - left, total, train._fmt_time(left * rate))
+      logging.info("study: %s zero-shot %s fine-tuned %.2f%% | seed %d: %d/%d entries, "
+                   "ETA %s", key, "-" if zero is None else f"{100 * zero['top1']:.2f}%",
+                   100 * _top1(res), seed, total - left, total,
+                   train._fmt_time((left + later) * rate))
   return write_report(workdir)
 
 
@@ -236,15 +241,8 @@ def _export_dense(config, dense_dir, mesh):
   params, what = checkpointing.load_params(os.path.join(dense_dir, "checkpoints"), defs.params,
                                            use_ema=bool(config.eval_ema),
                                            sharding=sharding.replicated(mesh))
-  checkpointing.save_params(dense_dir, params, _fresh_rngs(config, mesh),
+  checkpointing.save_params(dense_dir, params, train.fresh_rngs(config, sharding.replicated(mesh)),
                             {"source": what, "model": config.model.to_dict()})
-
-
-def _fresh_rngs(config, mesh):
-  from flax import nnx
-  return jax.jit(lambda: nnx.to_pure_dict(nnx.split(train.create_model(config), nnx.Param,
-                                                    ...)[2]),
-                 out_shardings=sharding.replicated(mesh))()
 
 
 def _dense_params(config, dense_dir, defs, mesh):
@@ -360,7 +358,6 @@ def plot(data, path):
 
 def load(workdir) -> dict:
   """All seeds' entries of a study workdir: the header of one file and every row."""
-  import glob
   paths = sorted(glob.glob(os.path.join(workdir, "study-seed*.json")))
   if not paths:
     raise FileNotFoundError(f"no study-seed*.json in {workdir}: run --mode=study first")

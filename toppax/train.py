@@ -158,6 +158,13 @@ def init_state(config, defs: ModelDefs, tx, mesh):
           "ema": _fresh_copy(params) if config.ema_decay > 0 else {}}
 
 
+def fresh_rngs(config, sharding_):
+  """The model's non-parameter state (RNG streams from ``config.seed``, drop-path rates) as a
+  pure dict, created by one jit without materialising the parameters."""
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.split(create_model(config), nnx.Param, ...)[2]),
+                 out_shardings=sharding_)()
+
+
 def load_init_params(config, defs: ModelDefs, sharding_):
   """(params, rngs) of ``config.init_from``: a toppax workdir (its latest checkpoint, EMA copy
   when ``config.eval_ema``; or a ``--mode=convert`` output) or an official .pth/.npz state dict
@@ -166,10 +173,8 @@ def load_init_params(config, defs: ModelDefs, sharding_):
   if checkpointing.is_toppax_dir(config.init_from):
     params, what = checkpointing.load_params(config.init_from, defs.params,
                                              use_ema=bool(config.eval_ema), sharding=sharding_)
-    rngs = jax.jit(lambda: nnx.to_pure_dict(nnx.split(create_model(config), nnx.Param, ...)[2]),
-                   out_shardings=sharding_)()
     logging.info("initialised from the %s", what)
-    return params, rngs
+    return params, fresh_rngs(config, sharding_)
   from toppax import convert
   model = convert.from_torch(config.model.name, config.init_from, pruning=prune_config(config),
                              **model_overrides(config))
