@@ -14,6 +14,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from toppax.sharding import is_prng_key as _is_key
+
 
 class _DropOrbaxInfo(logging.Filter):
 
@@ -32,8 +34,6 @@ class CheckpointError(RuntimeError):
   """A checkpoint in the workdir is corrupt or does not match the config."""
 
 
-def _is_key(x) -> bool:
-  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _to_savable(tree):
@@ -166,7 +166,8 @@ PARAMS_DIR = "params"
 
 
 def save_params(directory: str, params, rngs, meta: dict):
-  """Writes ``{params, rngs}`` (orbax) and ``meta.json`` under ``directory/params``."""
+  """Writes ``{params, rngs}`` (orbax) to ``directory/params`` and ``meta`` to
+  ``directory/params_meta.json``; refuses to overwrite."""
   import json
   where = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if os.path.exists(where):

@@ -152,12 +152,11 @@ class FolderSource:
     return len(self.files)
 
   def read(self, index):
+    where = self.files[index]
     if self._zip is not None:
       with self._lock:
-        data = self._zip.read(self.files[index])
-      with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB")), int(self.labels[index])
-    with Image.open(self.files[index]) as im:
+        where = io.BytesIO(self._zip.read(where))
+    with Image.open(where) as im:
       return np.asarray(im.convert("RGB")), int(self.labels[index])
 
 

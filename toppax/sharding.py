@@ -71,7 +71,8 @@ def to_global(batch: dict, mesh) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def _is_key(x) -> bool:
+def is_prng_key(x) -> bool:
+  """A typed PRNG key array (``jax.random.key``), as in nnx RNG state."""
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
@@ -90,11 +91,11 @@ def apply_model(graphdef, params, rngs, images, mesh):
   from flax import nnx
 
   def body(params, rngs, images, shard):
-    local = jax.tree.map(lambda x: jax.random.fold_in(x, shard) if _is_key(x) else x, rngs)
+    local = jax.tree.map(lambda x: jax.random.fold_in(x, shard) if is_prng_key(x) else x, rngs)
     model = nnx.merge(graphdef, params, local)
     logits = model(images)
     new = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-    new = jax.tree.map(lambda n, o: o if _is_key(o) else n, new, rngs)
+    new = jax.tree.map(lambda n, o: o if is_prng_key(o) else n, new, rngs)
     return logits, new
 
   if mesh.devices.size == 1:

@@ -78,10 +78,8 @@ def bench_inference(config, variant, batch_size, repeats, warmup) -> float:
   return batch_size / t, first
 
 
-def bench_train_step(config, variant, per_device_batch, num_devices, repeats, warmup,
-                     first=None) -> float:
-  """Train-step img/s on ``num_devices``; ``first`` (a dict) receives the first step's
-  seconds (compilation included) as ``train_first_s``."""
+def bench_train_step(config, variant, per_device_batch, num_devices, repeats, warmup):
+  """(train-step img/s on ``num_devices``, seconds of the first step incl. compilation)."""
   from toppax import sharding, train
   c = copy.deepcopy(config)
   p = train.prune_config(c, variant)
@@ -98,11 +96,11 @@ def bench_train_step(config, variant, per_device_batch, num_devices, repeats, wa
   step = train.make_train_step(c, defs, tx, schedule, mesh)
   batch = sharding.to_global(_synthetic_batch(c, c.batch_size), mesh)
   t0 = time.perf_counter()
-  for _ in range(max(warmup, 1)):
+  state, m = step(state, batch)
+  jax.block_until_ready(state)
+  first = time.perf_counter() - t0
+  for _ in range(warmup - 1):
     state, m = step(state, batch)
-    if first is not None and "train_first_s" not in first:
-      jax.block_until_ready(state)
-      first["train_first_s"] = time.perf_counter() - t0
   jax.block_until_ready(state)
   times = []
   for _ in range(repeats):
@@ -110,10 +108,11 @@ def bench_train_step(config, variant, per_device_batch, num_devices, repeats, wa
     state, m = step(state, batch)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t)
-  return c.batch_size / statistics.median(times)
+  return c.batch_size / statistics.median(times), first
 
 
 def run(config, workdir: str | None = None) -> dict:
+  from toppax import evaluate, train
   b = config.bench
   devices = jax.devices()
   result = {"model": config.model.name, "img_size": config.model.img_size,
@@ -125,17 +124,15 @@ def run(config, workdir: str | None = None) -> dict:
     for variant in b.variants:
       for bs in b.batch_sizes:
         ips, first_s = bench_inference(c, variant, bs, b.repeats, b.warmup)
-        from toppax import evaluate, train
         gflops, _ = evaluate.model_gflops(c, train.prune_config(c, variant))
         row = {"variant": variant, "dtype": dtype, "batch_per_device": bs, "gflops": gflops,
                "infer_img_per_s": ips, "infer_ms_per_batch": 1e3 * bs / ips,
                "infer_first_call_s": first_s}
         if b.train:
           for k in dict.fromkeys(k or len(devices) for k in b.devices):
-            first = {}
-            row[f"train_img_per_s_{k}dev"] = bench_train_step(c, variant, bs, k, b.repeats,
-                                                              b.warmup, first)
-            row[f"train_first_step_s_{k}dev"] = first["train_first_s"]
+            ips, first_s = bench_train_step(c, variant, bs, k, b.repeats, b.warmup)
+            row[f"train_img_per_s_{k}dev"] = ips
+            row[f"train_first_step_s_{k}dev"] = first_s
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         _write(result, workdir)   # after every row: an interrupted run keeps what it measured
