@@ -16,6 +16,10 @@ def get_config(model_name, arg=None):
   if variant:
     c = common.apply_top_finetune(c, model_name, variant)
   common.apply_data_args(c, a)
+  if a.bench and not variant:
+    # --mode=bench's pruned variants use the paper's schedule of this model (off for training).
+    paper = common.paper_pruning(model_name)
+    c.pruning.layers, c.pruning.keep_ratio = paper.layers, paper.keep_ratio
   if a.runlocal:
     # A seconds-long smoke run on CPU: random-init model, tiny shapes, folder or tfds data.
     c.model.img_size = 32
