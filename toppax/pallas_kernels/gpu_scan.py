@@ -41,8 +41,9 @@ LN2 = 0.6931471805599453
 # Block of channels per program, warps per program, and the checkpoint interval K (also the
 # unrolled chunk of the backward). The forward-only kernel unrolls chunks of FWD_CHUNK steps.
 # Measured on an H100 (docs/benchmarks.md): more warps or wider blocks lose, longer chunks spill.
-DEFAULT_TUNING = dict(block_d=32, num_warps=1, fwd_chunk=4, ckpt_every=8, bwd_block_d=32,
-                      bwd_num_warps=1)
+# num_stages > 1 lets Triton's software pipeliner prefetch the next loop iteration's rows.
+DEFAULT_TUNING = dict(block_d=32, num_warps=1, fwd_chunk=4, ckpt_every=4, bwd_block_d=32,
+                      bwd_num_warps=1, num_stages=1, bwd_num_stages=1)
 
 _SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
 _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
@@ -317,7 +318,8 @@ def forward(cfg, args, save):
       interpret=cfg.interpret, name="selective_scan_fwd",
       compiler_params=_CompilerParams(num_warps=cfg.tune("num_warps",
                                                          DEFAULT_TUNING["num_warps"]),
-                                      num_stages=1),
+                                      num_stages=cfg.tune("num_stages",
+                                                          DEFAULT_TUNING["num_stages"])),
       cost_estimate=pl.CostEstimate(flops=7 * elems, transcendentals=elems + 2 * elems // n,
                                     bytes_accessed=_nbytes(*xs, *out_shape)),
   )(*xs)
@@ -364,7 +366,8 @@ def backward(cfg, args, ckpt, dy):
       interpret=cfg.interpret, name="selective_scan_bwd",
       compiler_params=_CompilerParams(num_warps=cfg.tune("bwd_num_warps",
                                                          DEFAULT_TUNING["bwd_num_warps"]),
-                                      num_stages=1),
+                                      num_stages=cfg.tune("bwd_num_stages",
+                                                          DEFAULT_TUNING["bwd_num_stages"])),
       cost_estimate=pl.CostEstimate(flops=25 * elems, transcendentals=2 * elems + 4 * elems // n,
                                     bytes_accessed=_nbytes(*xs, *out_shape)),
   )(*xs)

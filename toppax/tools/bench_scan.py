@@ -154,10 +154,11 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
 
 # The sweep that chose gpu_scan.DEFAULT_TUNING also tried wider blocks (64, 128), more warps
 # (2, 4), longer chunks (8, 16) and checkpoints every 16 or 32 steps: all slower (docs).
-FWD_VARIANTS = [dict(block_d=bd, num_warps=w, fwd_chunk=c) for bd, w, c in [
-    (32, 1, 4), (32, 1, 2)]]
-BWD_VARIANTS = [dict(ckpt_every=k, bwd_block_d=bd, bwd_num_warps=w) for k, bd, w in [
-    (8, 32, 1), (4, 32, 1), (4, 16, 1)]]
+FWD_VARIANTS = [dict(block_d=bd, num_warps=w, fwd_chunk=c, num_stages=s) for bd, w, c, s in [
+    (32, 1, 4, 1), (32, 1, 4, 3)]]
+BWD_VARIANTS = [dict(ckpt_every=k, bwd_block_d=bd, bwd_num_warps=w, bwd_num_stages=s)
+                for k, bd, w, s in [(8, 32, 1, 1), (4, 32, 1, 1), (3, 32, 1, 1), (2, 32, 1, 1),
+                                    (4, 64, 2, 1), (2, 64, 2, 1)]]
 
 
 def main(argv=None):
