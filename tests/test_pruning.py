@@ -187,3 +187,18 @@ def test_bad_pruning_configs_raise_clear_errors():
     PruneConfig(importance="attention")
   with pytest.raises(ValueError, match="alignment needs cls_mode='keep_position'"):
     PruneConfig(cls_mode="middle", alignment=True)
+
+
+@pytest.mark.parametrize("pruning", [None, PruneConfig(layers=(2, 4), keep_ratio=0.6)])
+def test_unrolled_blocks_equal_the_scan_over_blocks(pruning):
+  # scan_layers=False (every block its own ops, e.g. for speed) must be the same function as the
+  # default lax.scan over blocks between pruning points.
+  scanned = create("vim_t", pruning=pruning, seed=4, **SMALL)
+  unrolled = _copy_params(scanned, create("vim_t", pruning=pruning, seed=5, scan_layers=False,
+                                          **SMALL))
+  assert not unrolled.cfg.scan_layers
+  scanned.eval()
+  unrolled.eval()
+  x = _images(3)
+  np.testing.assert_allclose(np.asarray(unrolled(x)), np.asarray(scanned(x)), rtol=1e-5,
+                             atol=1e-5)

@@ -25,7 +25,7 @@ from toppax import augment, checkpointing, evaluate, input_pipeline, sharding
 from toppax.pruning import PruneConfig
 
 # Model fields that change compute but not parameter shapes (not passed to the FLOPs counter).
-RUNTIME_FIELDS = ("drop_path_rate", "drop_rate", "dtype", "scan_implementation")
+RUNTIME_FIELDS = ("drop_path_rate", "drop_rate", "dtype", "scan_implementation", "scan_layers")
 
 
 # --- model ----------------------------------------------------------------------------------------

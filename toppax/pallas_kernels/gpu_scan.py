@@ -5,11 +5,12 @@ Why Triton and not Mosaic GPU: the scan is a per-thread sequential recurrence ov
 power-of-two shape and schedules loads itself, which is what this kernel needs, while Mosaic
 GPU's Pallas dialect is built around warpgroup-wide (128-thread) arrays, TMA pipelines and
 wgmma. Measured on an H100 at the ViM-S shape (fp32, docs/benchmarks.md): this kernel runs the
-forward in 0.260 ms (10x associative_scan; HBM floor 0.105 ms) and forward+backward in 2.58 ms
-(13x); only the Triton lowering was measured, a Mosaic GPU version was not written. Its
-backward is limited by registers (the recomputed states of a chunk live in registers, and
-Triton-lowered Pallas has no shared-memory scratch to hold them), which is the case for trying
-Mosaic GPU or jax-triton next. The launchers below are the only place that names the backend, so
+forward in 0.267 ms (10x associative_scan; HBM floor 0.105 ms) and forward+backward in 1.59 ms
+(21x); only the Triton lowering was measured, a Mosaic GPU version was not written. Both
+kernels are issue-bound at low occupancy (Nsight Compute: the backward uses 255 registers, 8
+warps per SM, 34% of issue slots); Triton picks the register layouts, and the per-step rows
+need shared-memory layout conversions, which is the case for trying Mosaic GPU (explicit
+layouts and shared memory) or jax-triton next. The launchers below are the only place that names the backend, so
 such a kernel can replace them behind the same ``forward``/``backward`` interface.
 
 Layout: grid (D / BD, batch); each program owns the channels [d*BD, (d+1)*BD) of one sequence,

@@ -152,13 +152,13 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
   return rows
 
 
-# The sweep that chose gpu_scan.DEFAULT_TUNING also tried wider blocks (64, 128), more warps
-# (2, 4), longer chunks (8, 16) and checkpoints every 16 or 32 steps: all slower (docs).
+# The sweeps that chose gpu_scan.DEFAULT_TUNING also tried wider blocks (64, 128), more warps
+# (2, 4), longer forward chunks (8, 16), Triton software pipelining (num_stages 2, 3) and
+# checkpoints every 2, 3, 6, 8, 16 or 32 steps: none faster beyond noise (docs/benchmarks.md).
 FWD_VARIANTS = [dict(block_d=bd, num_warps=w, fwd_chunk=c, num_stages=s) for bd, w, c, s in [
     (32, 1, 4, 1), (32, 1, 4, 3)]]
-BWD_VARIANTS = [dict(ckpt_every=k, bwd_block_d=bd, bwd_num_warps=w, bwd_num_stages=s)
-                for k, bd, w, s in [(8, 32, 1, 1), (4, 32, 1, 1), (3, 32, 1, 1), (2, 32, 1, 1),
-                                    (4, 64, 2, 1), (2, 64, 2, 1)]]
+BWD_VARIANTS = [dict(ckpt_every=k, bwd_block_d=bd, bwd_num_warps=w) for k, bd, w in [
+    (4, 32, 1), (3, 32, 1), (8, 32, 1), (4, 64, 2)]]
 
 
 def main(argv=None):
