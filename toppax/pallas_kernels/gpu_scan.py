@@ -9,9 +9,10 @@ forward in 0.267 ms (10x associative_scan; HBM floor 0.105 ms) and forward+backw
 (21x); only the Triton lowering was measured, a Mosaic GPU version was not written. Both
 kernels are issue-bound at low occupancy (Nsight Compute: the backward uses 255 registers, 8
 warps per SM, 34% of issue slots); Triton picks the register layouts, and the per-step rows
-need shared-memory layout conversions, which is the case for trying Mosaic GPU (explicit
-layouts and shared memory) or jax-triton next. The launchers below are the only place that names the backend, so
-such a kernel can replace them behind the same ``forward``/``backward`` interface.
+need shared-memory layout conversions. That, and JAX's documentation keeping the Triton
+backend on a best-effort basis, is the case for a Mosaic GPU kernel (explicit layouts and
+shared memory) next. The launchers below are the only place that names the backend, so such a
+kernel can replace them behind the same ``forward``/``backward`` interface.
 
 Layout: grid (D / BD, batch); each program owns the channels [d*BD, (d+1)*BD) of one sequence,
 holds the state h (N, BD) in registers and walks the L time steps in scan order. ``reverse``
@@ -42,7 +43,7 @@ LN2 = 0.6931471805599453
 # Block of channels per program, warps per program, and the checkpoint interval K (also the
 # unrolled chunk of the backward). The forward-only kernel unrolls chunks of FWD_CHUNK steps.
 # Measured on an H100 (docs/benchmarks.md): more warps or wider blocks lose, longer chunks spill.
-# num_stages > 1 lets Triton's software pipeliner prefetch the next loop iteration's rows.
+# num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and 3 measured no faster).
 DEFAULT_TUNING = dict(block_d=32, num_warps=1, fwd_chunk=4, ckpt_every=4, bwd_block_d=32,
                       bwd_num_warps=1, num_stages=1, bwd_num_stages=1)
 
