@@ -4,7 +4,7 @@ study of docs/RESULTS.md (``--mode=study``: dense vs EViT / removal / ToP at mat
 Model: ViM with patch 4 (64 patches + the middle cls token = 65 tokens), 12 bidirectional
 Mamba blocks, dim 192, d_state 16 (ViM-T's width at half its depth). Pruning after blocks
 3, 6 and 9 (the paper's 5/10/15 of 24 blocks, scaled to 12): at keep ratio 0.7 the token counts
-are 65 -> 47 -> 33 -> 23.
+are 65 -> 45 -> 31 -> 21.
 
 Data: ../shared/data/cifar10 (cifar10-train20k.zip, cifar10-test.zip) or any folder holding
 those zips (``data=DIR``; the zips are read directly, decoded once into memory). Recipe: AdamW
