@@ -36,16 +36,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import LOG2E, ScanArgs, sigmoid, softplus
+from toppax.pallas_kernels.common import LOG2E, ScanArgs, sigmoid
 
 LN2 = 0.6931471805599453
 
-# Block of channels per program, warps per program, and the checkpoint interval K (also the
-# unrolled chunk of the backward). The forward-only kernel unrolls chunks of FWD_CHUNK steps.
-# Measured on an H100 (docs/benchmarks.md): more warps or wider blocks lose, longer chunks spill.
+# Forward: block_d channels per program over num_warps warps (64 on one warp = two channels per
+# thread, which shares each scalar load of B_t, C_t between them), rows loaded rows_ahead steps
+# and B, C scalars bc_ahead steps before use, chunks of fwd_chunk (inference) or ckpt_every
+# (training) steps unrolled per loop iteration. Backward: the checkpoint interval K = ckpt_every
+# is also its unrolled chunk; bwd_block_d channels per program. Measured on an H100
+# (docs/benchmarks.md): more channels per thread or longer look-ahead spill, shorter lose.
 # num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and 3 measured no faster).
-DEFAULT_TUNING = dict(block_d=32, num_warps=1, fwd_chunk=4, ckpt_every=4, bwd_block_d=32,
-                      bwd_num_warps=1, num_stages=1, bwd_num_stages=1)
+DEFAULT_TUNING = dict(block_d=64, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=2,
+                      bc_ahead=1, bwd_block_d=32, bwd_num_warps=1, num_stages=1,
+                      bwd_num_stages=1)
 
 _SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
 _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
@@ -66,8 +70,12 @@ class _Rows:
 
   @staticmethod
   def _view(ref, t):
-    # Masked Pallas loads index with arrays only (a Python int breaks interpret mode).
-    return ref if t is None else ref.at[jnp.asarray(t, jnp.int32)]
+    # Masked Pallas loads index with arrays only (a Python int breaks interpret mode); a tuple
+    # indexes several leading axes at once.
+    if t is None:
+      return ref
+    ts = t if isinstance(t, tuple) else (t,)
+    return ref.at[tuple(jnp.asarray(i, jnp.int32) for i in ts)]
 
   def load(self, ref, t=None):
     view = self._view(ref, t)
@@ -100,12 +108,13 @@ def _step_inputs(cfg, rows, refs, t):
 
 def _recur(cfg, consts, h, prev_dt, x):
   """One step of h_t = exp2((Δ_t + g_t Δ̃_t) A log2 e) h_{t-1} + Δ_t u_t B_t."""
-  dt = softplus(x["dr"]) if cfg.delta_softplus else x["dr"]
+  fm = _FastMath(cfg.interpret)
+  dt = fm.softplus(x["dr"]) if cfg.delta_softplus else x["dr"]
   dec = dt
   if cfg.gap_delta is not None:
     tilde = prev_dt if cfg.gap_delta == "prev" else consts["tilde"]
     dec = dt + x["g"] * tilde
-  a = jnp.exp2(consts["A2"] * dec[None, :])
+  a = fm.exp2(consts["A2"] * dec[None, :])
   h = a * h + x["B"][:, None] * (dt * x["u"])[None, :]
   return h, dt, dec, a
 
@@ -114,11 +123,53 @@ def _consts(cfg, rows, a_ref, d_ref, bias_ref):
   # Only A log2(e) is kept (registers are the backward's limit); ddec rescales by ln 2.
   consts = dict(A2=rows.load(a_ref) * LOG2E, D=rows.load(d_ref), bias=rows.load(bias_ref))
   if cfg.gap_delta == "bias":
-    consts["tilde"] = softplus(consts["bias"]) if cfg.delta_softplus else consts["bias"]
+    consts["tilde"] = (_FastMath(cfg.interpret).softplus(consts["bias"]) if cfg.delta_softplus
+                       else consts["bias"])
   return consts
 
 
+class _FastMath:
+  """exp2, log2 and reciprocal as single MUFU instructions (PTX ``ex2/lg2/rcp.approx.ftz``).
+
+  Measured on an H100: jnp.exp2 and 1/x lower to denormal-safe sequences and jnp.log2/log1p
+  to libdevice polynomials, about twice the forward kernel's instructions. The approximations
+  are within 2 ulp (ex2, rcp) and 2^-22 absolute (lg2); ftz flushes only results below 1e-38.
+  Interpret mode (CPU tests) evaluates the same formulas with jnp.
+  """
+
+  def __init__(self, interpret):
+    self.interpret = interpret
+
+  def _asm(self, op, x):
+    return pltriton.elementwise_inline_asm(
+        f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+  def exp2(self, x):
+    return jnp.exp2(x) if self.interpret else self._asm("ex2", x)
+
+  def log2(self, x):
+    return jnp.log2(x) if self.interpret else self._asm("lg2", x)
+
+  def rcp(self, x):
+    return 1.0 / x if self.interpret else self._asm("rcp", x)
+
+  def softplus(self, x):
+    """From exp2 and log2 with Goldberg's log1p correction, log1p(e) = log(1 + e) * e /
+    ((1 + e) - 1), which keeps it accurate where 1 + e rounds."""
+    e = self.exp2(jnp.minimum(x, 20.0) * LOG2E)
+    w = 1.0 + e
+    lp = jnp.where(w == 1.0, e, self.log2(w) * LN2 * (e * self.rcp(w - 1.0)))
+    return jnp.where(x > 20.0, x, lp)
+
+  def sigmoid(self, x):
+    return self.rcp(1.0 + self.exp2(x * -LOG2E))
+
+
 def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save):
+  """The forward with whole channels per thread: the state is n separate (BD,) vectors, so each
+  thread holds all n states of its channels, C.h is summed inside the thread, and B_t, C_t enter
+  as scalars (uniform loads). No cross-lane work and no layout conversions."""
   it = iter(refs)
   r = dict(u=next(it), delta=next(it))
   r["z"] = next(it) if cfg.has_z else None
@@ -129,40 +180,78 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save):
   ck_ref = next(it) if save else None
 
   rows = _Rows(block_d, dim)
-  consts = _consts(cfg, rows, a_ref, d_ref, bias_ref)
-  r["bias"] = consts["bias"]
+  fm = _FastMath(cfg.interpret)
+  a2 = [rows.load(a_ref, i) * LOG2E for i in range(n)]
+  d_skip, bias = rows.load(d_ref), rows.load(bias_ref)
+  tilde = None
+  if cfg.gap_delta == "bias":
+    tilde = fm.softplus(bias) if cfg.delta_softplus else bias
   t_of = _scan_order(cfg, length)
 
-  def run(base, steps, h, prev):
-    # Groups of 4 steps: all loads of a group are issued before its first store, so several
-    # rows are in flight while the dependent recurrence runs.
-    for g0 in range(0, steps, 4):
-      ts = [t_of(base + i) for i in range(g0, min(g0 + 4, steps))]
-      xs = [_step_inputs(cfg, rows, r, t) for t in ts]
-      cs = [r["C"][t, :].astype(jnp.float32) for t in ts]
-      zs = [rows.load(r["z"], t) for t in ts] if cfg.has_z else [None] * len(ts)
-      for t, x, c, z in zip(ts, xs, cs, zs):
-        h, prev, _, _ = _recur(cfg, consts, h, prev, x)
-        y = jnp.sum(h * c[:, None], axis=0) + consts["D"] * x["u"]
-        if z is not None:
-          y = y * z * sigmoid(z)
-        rows.store(y_ref, y, t)
-    return h, prev
+  # Software pipelining: the rows of step s + rows_ahead and the B, C scalars of step
+  # s + bc_ahead are loaded while step s computes; the queues ride in the loop carry.
+  rows_ahead, bc_ahead = cfg.tune("rows_ahead", 4), cfg.tune("bc_ahead", 1)
+  last = length - 1
+
+  def load_rows(s):
+    t = t_of(jnp.minimum(s, last))      # past the end: a harmless in-bounds reload
+    x = dict(u=rows.load(r["u"], t), dr=rows.load(r["delta"], t) + bias)
+    if cfg.gap_delta is not None:
+      x["g"] = r["gaps"][t]
+    if cfg.has_z:
+      x["z"] = rows.load(r["z"], t)
+    return x
+
+  def load_bc(s):
+    t = t_of(jnp.minimum(s, last))
+    return ([r["B"][t, i].astype(jnp.float32) for i in range(n)],
+            [r["C"][t, i].astype(jnp.float32) for i in range(n)])
+
+  def step(s, x, bc, hs, prev):
+    b, c = bc
+    dt = fm.softplus(x["dr"]) if cfg.delta_softplus else x["dr"]
+    dec = dt
+    if cfg.gap_delta is not None:
+      dec = dt + x["g"] * (prev if cfg.gap_delta == "prev" else tilde)
+    dtu = dt * x["u"]
+    y = d_skip * x["u"]
+    new = []
+    for i in range(n):
+      # b dtu + a h: the multiply fused into the FMA is the one on the loop-carried path.
+      h = b[i] * dtu + fm.exp2(a2[i] * dec) * hs[i]
+      y = y + c[i] * h
+      new.append(h)
+    if cfg.has_z:
+      z = x["z"]
+      y = y * z * fm.sigmoid(z)
+    rows.store(y_ref, y, t_of(s))
+    return new, dt
+
+  def run(base, steps, carry):
+    hs, prev, rq, bq = carry
+    for i in range(steps):
+      s = base + i
+      rq = rq + [load_rows(s + rows_ahead)]
+      bq = bq + [load_bc(s + bc_ahead)]
+      hs, prev = step(s, rq[0], bq[0], hs, prev)
+      rq, bq = rq[1:], bq[1:]
+    return hs, prev, rq, bq
 
   head = length % chunk
-  h = jnp.zeros((n, block_d), jnp.float32)
+  hs = [jnp.zeros((block_d,), jnp.float32) for _ in range(n)]
   prev = jnp.zeros((block_d,), jnp.float32)
-  # The partial chunk goes first in scan order, so checkpoints sit at head + c * chunk and the
-  # backward's chunks are all full and unrolled.
-  h, prev = run(0, head, h, prev)
+  carry = (hs, prev, [load_rows(s) for s in range(rows_ahead)],
+           [load_bc(s) for s in range(bc_ahead)])
+  # The partial chunk goes first in scan order, so checkpoints sit at head + c * chunk.
+  carry = run(0, head, carry)
 
   def body(c, carry):
-    h, prev = carry
     if save:
-      rows.store(ck_ref, h, c)
-    return run(head + c * chunk, chunk, h, prev)
+      for i in range(n):
+        rows.store(ck_ref, carry[0][i], (c, i))
+    return run(head + c * chunk, chunk, carry)
 
-  jax.lax.fori_loop(0, length // chunk, body, (h, prev))
+  jax.lax.fori_loop(0, length // chunk, body, carry)
 
 
 def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
@@ -178,6 +267,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
   dtilde_ref = next(it) if cfg.gap_delta == "bias" else None
 
   rows = _Rows(block_d, dim)
+  fm = _FastMath(cfg.interpret)
   consts = _consts(cfg, rows, a_ref, d_ref, bias_ref)
   r["bias"] = consts["bias"]
   t_of = _scan_order(cfg, length)
@@ -191,7 +281,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
       else:
         t_prev = t_of(jnp.maximum(base - 1, 0))
         dr = rows.load(r["delta"], t_prev) + consts["bias"]
-        prev = softplus(dr) if cfg.delta_softplus else dr
+        prev = fm.softplus(dr) if cfg.delta_softplus else dr
     else:
       prev = None
     hs, xs = [h0], []
@@ -213,7 +303,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
       dout = rows.load(dy_ref, t)
       if cfg.has_z:
         z = rows.load(r["z"], t)
-        sz = sigmoid(z)
+        sz = fm.sigmoid(z)
         y_pre = jnp.sum(h * c[:, None], axis=0) + consts["D"] * u
         rows.store(dz_ref, dout * y_pre * sz * (1.0 + z * (1.0 - sz)), t)
         dy = dout * z * sz
@@ -227,7 +317,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
       # N registers per thread in the (N, BD) tile's layout and made the chunk spill.
       b = r["B"][t, :].astype(jnp.float32)
       dbu = jnp.sum(dh * b[:, None], axis=0)
-      a = jnp.exp2(consts["A2"] * dec[None, :])
+      a = fm.exp2(consts["A2"] * dec[None, :])
       da = dh * h_prev * a
       dA = dA + da * dec[None, :]
       ddec = jnp.sum(da * consts["A2"], axis=0) * LN2
@@ -237,7 +327,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
         gcarry = x["g"] * ddec               # flows to Δ of the previous step in scan order
       elif cfg.gap_delta == "bias":
         dtilde = dtilde + x["g"] * ddec
-      ddr = ddt * sigmoid(x["dr"]) if cfg.delta_softplus else ddt
+      ddr = ddt * fm.sigmoid(x["dr"]) if cfg.delta_softplus else ddt
       dbias = dbias + ddr
       rows.store(du_ref, dy * consts["D"] + dbu * dt, t)
       rows.store(ddelta_ref, ddr, t)
