@@ -137,6 +137,30 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4, bwd_blo
                 "pallas_tpu": dict(lane_tile=128, max_seq_tile=8)}
 
 
+# The GPU forward's layouts: two channels per thread with rows 2 steps ahead (what it picks at
+# ViM-S batch 128) and one per thread with B/C 2 steps ahead; D = 70 leaves a partial block.
+@pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
+                                    dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2)])
+def test_gpu_forward_layouts_and_lookahead(tuning):
+  length = 11
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 70, 4).items()}
+  gaps = np.random.default_rng(4).integers(0, 3, (2, length))
+  fn = ops._REGISTRY["pallas_gpu"]()
+  run = lambda *a: fn(*a, delta_softplus=True, reverse=True, gaps=jnp.asarray(gaps),
+                      gap_delta="prev", interpret=True, tuning=tuning)
+  ref = scan_utils.numpy_scan(**{k: np.asarray(v) for k, v in x.items()}, reverse=True,
+                              gaps=gaps, gap_delta="prev")
+  args = [x[k] for k in KEYS]
+  assert _rel(run(*args), ref) < 1e-5
+  ct = jnp.asarray(np.random.default_rng(2).standard_normal(x["u"].shape), jnp.float32)
+  g = jax.grad(lambda *a: jnp.sum(run(*a) * ct), argnums=tuple(range(8)))(*args)
+  g_ref = jax.grad(lambda *a: jnp.sum(selective_scan(
+      *a, reverse=True, gaps=jnp.asarray(gaps), implementation="reference") * ct),
+      argnums=tuple(range(8)))(*args)
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert _rel(b, a) < 1e-5, k
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradients_across_many_chunks_and_tiles(impl):
   length = 21
@@ -221,11 +245,13 @@ def test_compile_failure_falls_back_to_xla(caplog, monkeypatch):
   np.testing.assert_allclose(np.asarray(y), scan_utils.numpy_scan(**x), rtol=1e-5, atol=1e-6)
 
 
-# (dtype, N, with z, gap rule, reverse): ViM's bf16 call, and fp32 with a padded state and no gate.
-EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True), (jnp.float32, 3, False, "prev", False)]
+# (dtype, N, with z, gap rule, reverse, batch): ViM's bf16 call, fp32 with a padded state and no
+# gate, and a batch x D past gpu_scan.WIDE_CHANNELS (the two-channels-per-thread forward).
+EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True, 2), (jnp.float32, 3, False, "prev", False, 2),
+                (jnp.float32, 16, True, "prev", False, 384)]
 
 
-def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse):
+def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse, b):
   fn = ops._REGISTRY[impl]()
 
   def f(u, delta, A, B, C, D, z, bias, gaps):
@@ -235,7 +261,7 @@ def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse)
     return jax.value_and_grad(loss, argnums=tuple(range(8)))(u, delta, A, B, C, D, z, bias)
 
   S = jax.ShapeDtypeStruct
-  b, length, d = 2, 197, 200     # D = 200 overhangs the GPU's 32-channel blocks
+  length, d = 197, 200           # D = 200 overhangs the GPU's 32- and 64-channel blocks
   seq = S((b, length, d), dtype)
   args = [seq, seq, S((d, n), jnp.float32), S((b, length, n), dtype), S((b, length, n), dtype),
           S((d,), jnp.float32), seq if with_z else None, S((d,), jnp.float32),

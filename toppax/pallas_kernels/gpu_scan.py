@@ -1,30 +1,34 @@
 """Selective scan for NVIDIA GPUs: Pallas kernels lowered through Triton (DESIGN §3).
 
-Why Triton and not Mosaic GPU: the scan is a per-thread sequential recurrence over a small
-(N, BD) state with no matrix-unit work; Triton gives each program a register tile of any
-power-of-two shape and schedules loads itself, which is what this kernel needs, while Mosaic
-GPU's Pallas dialect is built around warpgroup-wide (128-thread) arrays, TMA pipelines and
-wgmma. Measured on an H100 at the ViM-S shape (fp32, docs/benchmarks.md): this kernel runs the
-forward in 0.267 ms (10x associative_scan; HBM floor 0.105 ms) and forward+backward in 1.59 ms
-(21x); only the Triton lowering was measured, a Mosaic GPU version was not written. Both
-kernels are issue-bound at low occupancy (Nsight Compute: the backward uses 255 registers, 8
-warps per SM, 34% of issue slots); Triton picks the register layouts, and the per-step rows
-need shared-memory layout conversions. That, and JAX's documentation keeping the Triton
-backend on a best-effort basis, is the case for a Mosaic GPU kernel (explicit layouts and
-shared memory) next. The launchers below are the only place that names the backend, so such a
-kernel can replace them behind the same ``forward``/``backward`` interface.
+Backend choice, by measurement (H100, ViM-S shape, fp32; docs/benchmarks.md): these kernels run
+the forward in 0.189 ms (13.8x associative_scan; HBM floor 0.105 ms, MUFU floor for its 21
+transcendental operations per channel-step about 0.1 ms) and forward+backward in 1.37 ms (24x).
+Only the Triton lowering was built and measured; a Mosaic GPU version was not written. Triton
+was kept because the scan is a per-thread sequential recurrence with no matrix-unit work:
+Triton gives each program registers of any power-of-two shape and lets the kernel issue its own
+scalar loads and inline PTX, which is what got the forward from 0.267 to 0.189 ms, while Mosaic
+GPU's Pallas dialect is built around warpgroup-wide arrays, TMA pipelines and wgmma. What
+Triton does not give is control of register layouts: the backward's (N, BD) tile layout and
+its cross-channel reductions are Triton's choice, and its 255 registers leave 8 warps per SM.
+JAX's documentation keeps the Triton backend on a best-effort basis; the launchers below are the
+only place that names the backend, so a Mosaic GPU kernel can replace them behind the same
+``forward``/``backward`` interface.
 
-Layout: grid (D / BD, batch); each program owns the channels [d*BD, (d+1)*BD) of one sequence,
-holds the state h (N, BD) in registers and walks the L time steps in scan order. ``reverse``
-only changes which row a scan step reads, so no flipped copies are made. Rows are read by
-indexing Refs (``u_ref[t, :]``): L is only a loop bound and need not be a power of two.
+Forward: grid (D / BD, batch); each program owns BD channels of one sequence and walks the L
+time steps in scan order. The state is N separate (BD,) vectors, so each thread holds all N
+states of its channels: C.h is summed inside the thread, B_t and C_t enter as scalar loads
+(one address across the warp), and no value ever crosses lanes. Loads run ahead of use
+(software pipelining through the loop carry). exp2, log2 and reciprocals are single PTX
+instructions (``_FastMath``). ``reverse`` only changes which row a scan step reads, so no
+flipped copies are made. Rows are read by indexing Refs (``u_ref[t, :]``): L is only a loop
+bound and need not be a power of two.
 
-Backward: the forward saves the fp32 state every K steps. The backward kernel walks chunks of
-K steps last to first; per chunk it recomputes the K states from the checkpoint into registers
-(the chunk is unrolled, so they stay registers), then runs the adjoint recurrence over them.
-dB and dC are reduced over the program's BD channels and written per channel block; dA, dD and
-d(delta_bias) per batch element; XLA sums the partials afterwards. No atomics: the gradients
-are bitwise deterministic.
+Backward: the forward saves the fp32 state every K steps. The backward kernel holds the state
+as an (N, BD) tile and walks chunks of K steps last to first; per chunk it recomputes the K
+states from the checkpoint into registers (the chunk is unrolled, so they stay registers), then
+runs the adjoint recurrence over them. dB and dC are reduced over the program's BD channels and
+written per channel block; dA, dD and d(delta_bias) per batch element; XLA sums the partials
+afterwards. No atomics: the gradients are bitwise deterministic.
 """
 from __future__ import annotations
 
@@ -40,16 +44,21 @@ from toppax.pallas_kernels.common import LOG2E, ScanArgs, sigmoid
 
 LN2 = 0.6931471805599453
 
-# Forward: block_d channels per program over num_warps warps (64 on one warp = two channels per
-# thread, which shares each scalar load of B_t, C_t between them), rows loaded rows_ahead steps
-# and B, C scalars bc_ahead steps before use, chunks of fwd_chunk (inference) or ckpt_every
-# (training) steps unrolled per loop iteration. Backward: the checkpoint interval K = ckpt_every
-# is also its unrolled chunk; bwd_block_d channels per program. Measured on an H100
-# (docs/benchmarks.md): more channels per thread or longer look-ahead spill, shorter lose.
-# num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and 3 measured no faster).
-DEFAULT_TUNING = dict(block_d=64, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=2,
+# Forward: block_d channels per program over num_warps warps, rows loaded rows_ahead steps and
+# B, C scalars bc_ahead steps before use, chunks of fwd_chunk (inference) or ckpt_every
+# (training) steps unrolled per loop iteration. block_d / rows_ahead None = by problem size:
+# with at least WIDE_CHANNELS channels (batch x D) two channels per thread (64 per one-warp
+# program; each B/C scalar load serves both) and rows 2 steps ahead; below it one channel per
+# thread, so there are twice the programs to fill the GPU, and rows 4 ahead. Measured on an
+# H100 (docs/benchmarks.md), fp32/bf16 ms: ViM-S b128 (98,304 channels) 0.187/0.194 wide vs
+# 0.271/0.223 narrow; ViM-T b128 (49,152) 0.140/0.123 narrow vs 0.152/0.167 wide.
+# Backward: the checkpoint interval K = ckpt_every is also its unrolled chunk; bwd_block_d
+# channels per program. num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and
+# 3 measured no faster).
+DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_block_d=32, bwd_num_warps=1, num_stages=1,
                       bwd_num_stages=1)
+WIDE_CHANNELS = 65536
 
 _SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
 _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
@@ -166,7 +175,7 @@ class _FastMath:
     return self.rcp(1.0 + self.exp2(x * -LOG2E))
 
 
-def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save):
+def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead):
   """The forward with whole channels per thread: the state is n separate (BD,) vectors, so each
   thread holds all n states of its channels, C.h is summed inside the thread, and B_t, C_t enter
   as scalars (uniform loads). No cross-lane work and no layout conversions."""
@@ -190,7 +199,7 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save):
 
   # Software pipelining: the rows of step s + rows_ahead and the B, C scalars of step
   # s + bc_ahead are loaded while step s computes; the queues ride in the loop carry.
-  rows_ahead, bc_ahead = cfg.tune("rows_ahead", 4), cfg.tune("bc_ahead", 1)
+  bc_ahead = cfg.tune("bc_ahead", DEFAULT_TUNING["bc_ahead"])
   last = length - 1
 
   def load_rows(s):
@@ -392,7 +401,9 @@ def forward(cfg, args, save):
   at, B, C, n = _padded_state(args)
   chunk = cfg.tune("ckpt_every", DEFAULT_TUNING["ckpt_every"]) if save else cfg.tune(
       "fwd_chunk", DEFAULT_TUNING["fwd_chunk"])
-  block_d = min(cfg.tune("block_d", DEFAULT_TUNING["block_d"]), _pow2(dim))
+  wide = batch * dim >= WIDE_CHANNELS
+  block_d = min(cfg.tune("block_d", None) or (64 if wide else 32), _pow2(dim))
+  rows_ahead = cfg.tune("rows_ahead", None) or (2 if wide else 4)
   grid = (pl.cdiv(dim, block_d), batch)
   seq, _, in_specs = _common_specs(cfg, length, block_d, n)
   out_shape = [jax.ShapeDtypeStruct(args.u.shape, args.u.dtype)]
@@ -404,7 +415,7 @@ def forward(cfg, args, save):
   xs = _inputs(cfg, args, at, B, C)
   elems = batch * length * dim * n
   kernel = functools.partial(_fwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
-                             chunk=chunk, save=save)
+                             chunk=chunk, save=save, rows_ahead=rows_ahead)
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=cfg.interpret, name="selective_scan_fwd",
