@@ -284,3 +284,21 @@ def test_gpu_kernels_lower_for_cuda(case):
 def test_tpu_kernels_lower_for_tpu(case):
   text = _export_grad("pallas_tpu", "tpu", [], *case)
   assert "tpu_custom_call" in text and "selective_scan_bwd_tpu" in text
+
+
+def test_mosaic_gpu_forward_lowers_for_cuda():
+  # toppax.tools.bench_mgpu_scan: the Mosaic GPU forward that issue 4's backend comparison
+  # times on the GPU; here its Pallas -> Mosaic GPU lowering is checked from the CPU.
+  from toppax.tools import bench_mgpu_scan
+  S = jax.ShapeDtypeStruct
+  b, length, d, n = 2, 197, 256, 16
+  seq = S((b, length, d), jnp.bfloat16)
+  args = [seq, seq, S((d, n), jnp.float32), S((b, length, n), jnp.bfloat16),
+          S((b, length, n), jnp.bfloat16), S((d,), jnp.float32), seq, S((d,), jnp.float32)]
+  text = export.export(jax.jit(bench_mgpu_scan.scan_fwd_mgpu), platforms=["cuda"])(
+      *args).mlir_module()
+  assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="multiple of 128"):
+    bench_mgpu_scan.scan_fwd_mgpu(*[jnp.zeros(a.shape[:-1] + (a.shape[-1] - 1,), a.dtype)
+                                    if a.shape[-1] == d else jnp.zeros(a.shape, a.dtype)
+                                    for a in args])
