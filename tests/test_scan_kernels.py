@@ -286,19 +286,73 @@ def test_tpu_kernels_lower_for_tpu(case):
   assert "tpu_custom_call" in text and "selective_scan_bwd_tpu" in text
 
 
-def test_mosaic_gpu_forward_lowers_for_cuda():
-  # toppax.tools.bench_mgpu_scan: the Mosaic GPU forward that issue 4's backend comparison
-  # times on the GPU; here its Pallas -> Mosaic GPU lowering is checked from the CPU.
-  from toppax.tools import bench_mgpu_scan
+# The Mosaic GPU inference forward (gpu_scan hands it the forward when it runs on a GPU) lowers
+# for CUDA with every option; its values are checked on the GPU (test_mosaic_forward_on_gpu).
+@pytest.mark.parametrize("dtype,with_z,gap_delta,reverse,softplus", [
+    (jnp.bfloat16, True, "bias", True, True), (jnp.float32, False, "prev", False, False),
+    (jnp.float32, True, None, True, True)])
+def test_mosaic_gpu_forward_lowers_for_cuda(dtype, with_z, gap_delta, reverse, softplus):
+  from toppax.pallas_kernels import common, mgpu_scan
   S = jax.ShapeDtypeStruct
   b, length, d, n = 2, 197, 256, 16
-  seq = S((b, length, d), jnp.bfloat16)
-  args = [seq, seq, S((d, n), jnp.float32), S((b, length, n), jnp.bfloat16),
-          S((b, length, n), jnp.bfloat16), S((d,), jnp.float32), seq, S((d,), jnp.float32)]
-  text = export.export(jax.jit(bench_mgpu_scan.scan_fwd_mgpu), platforms=["cuda"])(
-      *args).mlir_module()
+  seq = S((b, length, d), dtype)
+  args = common.ScanArgs(seq, seq, S((d, n), jnp.float32), S((b, length, n), dtype),
+                         S((b, length, n), dtype), S((d,), jnp.float32),
+                         seq if with_z else None, S((d,), jnp.float32),
+                         None if gap_delta is None else S((b, length), jnp.float32))
+  cfg = common.ScanConfig(backend="gpu", delta_softplus=softplus, reverse=reverse,
+                          gap_delta=gap_delta, has_z=with_z, interpret=False)
+  text = export.export(jax.jit(lambda a: mgpu_scan.forward(cfg, a)), platforms=["cuda"])(
+      args).mlir_module()
   assert "mosaic_gpu" in text
-  with pytest.raises(ValueError, match="multiple of 128"):
-    bench_mgpu_scan.scan_fwd_mgpu(*[jnp.zeros(a.shape[:-1] + (a.shape[-1] - 1,), a.dtype)
-                                    if a.shape[-1] == d else jnp.zeros(a.shape, a.dtype)
-                                    for a in args])
+  assert mgpu_scan.supports(args)
+  if jax.default_backend() != "gpu":
+    assert not mgpu_scan.usable(cfg, args)      # gpu_scan keeps its Triton forward off-GPU
+  odd = args._replace(u=S((b, length, 200), dtype))
+  assert not mgpu_scan.supports(odd)
+  with pytest.raises(ValueError, match="multiple"):
+    mgpu_scan.forward(cfg, odd)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_z,gap_delta,reverse,softplus", [
+    (True, None, False, True), (True, "prev", True, True), (False, "bias", False, True),
+    (True, "bias", True, False), (False, "prev", False, False)])
+def test_mosaic_forward_on_gpu(dtype, with_z, gap_delta, reverse, softplus):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU backend")
+  from toppax.pallas_kernels import common, mgpu_scan
+  length = 37                                   # several chunks and a partial one
+  x = scan_utils.random_inputs(7, 3, length, 256, 16)
+  if not softplus:                              # Δ must stay positive without softplus
+    x["delta"] = np.abs(x["delta"]) * 0.3
+    x["delta_bias"] = np.abs(x["delta_bias"]) * 0.1
+  gaps = None if gap_delta is None else np.random.default_rng(2).integers(0, 4, (3, length))
+  kw = {k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")}
+  kw["z"] = x["z"] if with_z else None
+  ref = scan_utils.numpy_scan(**kw, delta_softplus=softplus, reverse=reverse, gaps=gaps,
+                              gap_delta=gap_delta or "prev")
+  low = lambda k: jnp.asarray(kw[k]).astype(dtype) if k in ("u", "delta", "B", "C", "z") else (
+      jnp.asarray(kw[k]))
+  args = common.prepare(*(None if kw[k] is None else low(k) for k in KEYS),
+                        None if gaps is None else jnp.asarray(gaps))
+  cfg = common.ScanConfig(backend="gpu", delta_softplus=softplus, reverse=reverse,
+                          gap_delta=gap_delta, has_z=with_z, interpret=False)
+  assert mgpu_scan.usable(cfg, args)
+  y = jax.jit(lambda a: mgpu_scan.forward(cfg, a))(args)
+  tol = 1e-5 if dtype == jnp.float32 else 5e-3
+  if dtype == jnp.float32:
+    assert _rel(y, ref) < tol
+  else:                                         # against the same bf16-rounded inputs in float32
+    kw32 = {k: (None if v is None else np.asarray(jnp.asarray(v).astype(dtype), np.float32))
+            for k, v in kw.items()}
+    ref16 = scan_utils.numpy_scan(**kw32, delta_softplus=softplus, reverse=reverse, gaps=gaps,
+                                  gap_delta=gap_delta or "prev")
+    assert _rel(y, ref16) < tol
+  # The op on a GPU takes this path for its forward and agrees with the Triton forward.
+  y_op = selective_scan(*(None if kw[k] is None else low(k) for k in KEYS),
+                        delta_softplus=softplus, reverse=reverse,
+                        gaps=None if gaps is None else jnp.asarray(gaps),
+                        gap_delta=gap_delta or "prev", implementation="pallas_gpu")
+  assert _rel(y_op, y) < 1e-6

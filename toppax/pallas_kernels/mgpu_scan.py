@@ -1,0 +1,179 @@
+"""The inference forward of the selective scan on Pallas' Mosaic GPU backend (DESIGN §3).
+
+Measured on an H100 (ViM-S shape, fp32, docs/benchmarks.md) this forward runs in 0.165 ms where
+the Triton-lowered forward of ``gpu_scan`` takes 0.198 ms in the same run, so ``gpu_scan.forward``
+hands the inference forward (no checkpoints) here whenever the shapes suit it: D a multiple of
+128 and a row of B/C a multiple of 16 bytes (TMA). Training (forward with checkpoints and the
+backward) stays on the Triton kernels. If the kernel does not compile for a signature, the
+Triton forward is used with a logged warning.
+
+One warpgroup (128 threads) per (128 channels, batch element), thread = channel: the N states are
+N ``(128,)`` arrays in the ``WG_STRIDED`` layout, so C.h is summed inside the thread. u, delta,
+z, B, C (and gaps) stream through shared memory in chunks of ``chunk`` steps
+(``plgpu.emit_pipeline``, TMA, ``concurrent`` chunks in flight); B_t and C_t are read as
+shared-memory scalars. ``reverse`` walks the chunks and the steps inside them backwards; the
+partial chunk is the last block either way, and TMA clips its out-of-range rows. exp2, log2 and
+division use the approximate PTX instructions (``approx_math``), as the Triton kernels do.
+
+Not testable on CPU: Pallas' Mosaic GPU interpreter does not run ``emit_pipeline`` (jax 0.10).
+CPU tests check that it lowers for CUDA; the GPU tests (``--run-gpu``) check its values.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from toppax.pallas_kernels.common import LOG2E
+
+try:  # jax 0.11 registers Mosaic GPU's lowering only when this module is imported
+  from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
+except ImportError:  # pragma: no cover - older/newer layouts
+  pass
+
+log = logging.getLogger(__name__)
+
+LN2 = 0.6931471805599453
+LANES = 128
+# Steps per shared-memory chunk and chunks in flight, measured on an H100 (docs/benchmarks.md):
+# fp32 chunk 4 / 8 / 16: 0.178 / 0.165 / 0.199 ms; 3 in flight slower and, at chunk 32, over
+# the shared memory.
+DEFAULT_TUNING = dict(chunk=8, concurrent=2)
+
+
+def supports(args) -> bool:
+  """Shapes this kernel takes: D a multiple of 128, B/C rows a multiple of 16 bytes."""
+  dim, n = args.u.shape[-1], args.A.shape[1]
+  return dim % LANES == 0 and (n * jnp.dtype(args.B.dtype).itemsize) % 16 == 0
+
+
+def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
+  """y of the scan (no checkpoints) for the prepared ``common.ScanArgs``."""
+  batch, length, dim = args.u.shape
+  n = args.A.shape[1]
+  if not supports(args):
+    raise ValueError(f"the Mosaic GPU forward needs D a multiple of {LANES} and N x itemsize a "
+                     f"multiple of 16 bytes, got D = {dim}, N = {n}, "
+                     f"{jnp.dtype(args.B.dtype).name}; gpu_scan uses its Triton forward there")
+  chunk = chunk or cfg.tune("mosaic_chunk", DEFAULT_TUNING["chunk"])
+  concurrent = concurrent or cfg.tune("mosaic_concurrent", DEFAULT_TUNING["concurrent"])
+  at = (args.A.astype(jnp.float32) * LOG2E).T                                   # (N, D)
+  params = jnp.stack([args.D.astype(jnp.float32), args.delta_bias.astype(jnp.float32)])
+  lay = plgpu.Layout.WG_STRIDED((LANES,), vec_size=1)
+  n_chunks = pl.cdiv(length, chunk)
+  block = (lambda c: n_chunks - 1 - c) if cfg.reverse else (lambda c: c)
+  gap_rule, has_z = cfg.gap_delta, cfg.has_z
+
+  def softplus(x):
+    # log1p(e) = log(1 + e) e / ((1 + e) - 1) (Goldberg): accurate where 1 + e rounds.
+    e = jnp.exp2(jnp.minimum(x, 20.0) * LOG2E)
+    w = 1.0 + e
+    return jnp.where(x > 20.0, x, jnp.where(w == 1.0, e, jnp.log2(w) * LN2 * (e / (w - 1.0))))
+
+  def kernel(*refs):
+    it = iter(refs)
+    u_g, dl_g = next(it), next(it)
+    z_g = next(it) if has_z else None
+    b_g, c_g = next(it), next(it)
+    g_g = next(it) if gap_rule is not None else None
+    at_g, p_g, y_g = next(it), next(it), next(it)
+    di, b = jax.lax.axis_index("d"), jax.lax.axis_index("b")
+
+    def body(idx, *smem):
+      it = iter(smem)
+      u_s, dl_s = next(it), next(it)
+      z_s = next(it) if has_z else None
+      b_s, c_s = next(it), next(it)
+      g_s = next(it) if gap_rule is not None else None
+      at_s, p_s, y_s, carry = next(it), next(it), next(it), next(it)
+      steps = jnp.minimum(chunk, length - block(idx[0]) * chunk)
+      a2 = [plgpu.load(at_s.at[i], (), layout=lay) for i in range(n)]
+      d_skip = plgpu.load(p_s.at[0], (), layout=lay)
+      bias = plgpu.load(p_s.at[1], (), layout=lay)
+      tilde = None
+      if gap_rule == "bias":
+        tilde = softplus(bias) if cfg.delta_softplus else bias
+
+      def step(s, carry):
+        hs, prev = carry
+        t = steps - 1 - s if cfg.reverse else s
+        uu = plgpu.load(u_s.at[t], (), layout=lay).astype(jnp.float32)
+        x = plgpu.load(dl_s.at[t], (), layout=lay).astype(jnp.float32) + bias
+        dt = softplus(x) if cfg.delta_softplus else x
+        dec = dt
+        if gap_rule is not None:
+          g = g_s[block(idx[0]) * chunk + t]
+          dec = dt + g * (prev if gap_rule == "prev" else tilde)
+        dtu = dt * uu
+        y = d_skip * uu
+        new = []
+        for i in range(n):
+          h = b_s[t, i].astype(jnp.float32) * dtu + jnp.exp2(a2[i] * dec) * hs[i]
+          y = y + c_s[t, i].astype(jnp.float32) * h
+          new.append(h)
+        if has_z:
+          zz = plgpu.load(z_s.at[t], (), layout=lay).astype(jnp.float32)
+          y = y * zz / (1.0 + jnp.exp2(zz * -LOG2E))
+        y_s[t, :] = y.astype(y_s.dtype)
+        return tuple(new), dt
+
+      return jax.lax.fori_loop(0, steps, step, carry)
+
+    row = pl.BlockSpec((chunk, LANES), lambda c: (block(c), 0))
+    state = pl.BlockSpec((chunk, n), lambda c: (block(c), 0))
+    specs = [row, row] + ([row] if has_z else []) + [state, state]
+    cols = pl.ds(di * LANES, LANES)
+    operands = [u_g.at[b, :, cols], dl_g.at[b, :, cols]]
+    operands += [z_g.at[b, :, cols]] if has_z else []
+    operands += [b_g.at[b], c_g.at[b]]
+    if gap_rule is not None:
+      # Whole (padded) rows of gaps: TMA copies must be multiples of 128 bytes.
+      specs.append(pl.BlockSpec((g_g.shape[1],), lambda c: (0,)))
+      operands.append(g_g.at[b])
+    specs += [pl.BlockSpec((n, LANES), lambda c: (0, 0)), pl.BlockSpec((2, LANES), lambda c: (0, 0))]
+    operands += [at_g.at[:, cols], p_g.at[:, cols]]
+    zeros = lambda: plgpu.layout_cast(jnp.zeros((LANES,), jnp.float32), lay)
+    init = (tuple(zeros() for _ in range(n)), zeros())
+    plgpu.emit_pipeline(body, grid=(n_chunks,), in_specs=specs, out_specs=[row],
+                        max_concurrent_steps=concurrent, init_carry=init)(
+        *operands, y_g.at[b, :, cols])
+
+  xs = [args.u, args.delta] + ([args.z] if has_z else []) + [args.B, args.C]
+  if gap_rule is not None:
+    pad = -length % 32
+    xs.append(jnp.pad(args.gaps.astype(jnp.float32), ((0, 0), (0, pad))))
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(args.u.shape, args.u.dtype),
+      grid=(dim // LANES, batch), grid_names=("d", "b"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      **({} if interpret is None else dict(interpret=interpret)))(*xs, at, params)
+
+
+def _spec(x):
+  return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiles(cfg, specs):
+  from toppax.pallas_kernels.common import ScanArgs
+  try:
+    jax.jit(lambda a: forward(cfg, a)).lower(ScanArgs(*specs)).compile()
+    return True
+  except Exception as e:  # a kernel that cannot compile must fall back, never fail the op
+    log.warning("selective_scan: Mosaic GPU forward failed to compile for %s (%s: %s); using the "
+                "Triton forward", specs[0], type(e).__name__, e)
+    return False
+
+
+def usable(cfg, args) -> bool:
+  """Whether gpu_scan should run this inference forward: on a GPU, not in interpret mode, not
+  turned off (tuning ``fwd_backend="triton"``), shapes supported and the kernel compiles."""
+  if cfg.interpret or cfg.tune("fwd_backend", "mosaic") != "mosaic" or not supports(args):
+    return False
+  if jax.default_backend() != "gpu":
+    return False
+  return _compiles(cfg, tuple(_spec(x) for x in args))
