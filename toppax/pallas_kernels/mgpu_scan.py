@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 
 LN2 = 0.6931471805599453
 LANES = 128
-# Steps per shared-memory chunk and chunks in flight, measured on an H100 (docs/benchmarks.md):
-# fp32 chunk 4 / 8 / 16: 0.178 / 0.165 / 0.199 ms; 3 in flight slower and, at chunk 32, over
-# the shared memory.
-DEFAULT_TUNING = dict(chunk=8, concurrent=2)
+# Steps per shared-memory chunk (None: 32 bytes of each channel, 8 fp32 or 16 bf16 steps) and
+# chunks in flight, measured on an H100 (docs/benchmarks.md), ViM-S: chunk 4 / 8 / 16 fp32
+# 0.176 / 0.167 / 0.194 ms, bf16 0.194 / 0.180 / 0.173 ms; 3 in flight slower and, at chunk 32,
+# over the shared memory.
+DEFAULT_TUNING = dict(chunk=None, concurrent=2)
 
 
 def supports(args) -> bool:
@@ -59,7 +60,8 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
     raise ValueError(f"the Mosaic GPU forward needs D a multiple of {LANES} and N x itemsize a "
                      f"multiple of 16 bytes, got D = {dim}, N = {n}, "
                      f"{jnp.dtype(args.B.dtype).name}; gpu_scan uses its Triton forward there")
-  chunk = chunk or cfg.tune("mosaic_chunk", DEFAULT_TUNING["chunk"])
+  chunk = chunk or cfg.tune("mosaic_chunk", DEFAULT_TUNING["chunk"]) or (
+      32 // jnp.dtype(args.u.dtype).itemsize)
   concurrent = concurrent or cfg.tune("mosaic_concurrent", DEFAULT_TUNING["concurrent"])
   at = (args.A.astype(jnp.float32) * LOG2E).T                                   # (N, D)
   params = jnp.stack([args.D.astype(jnp.float32), args.delta_bias.astype(jnp.float32)])
