@@ -1,19 +1,17 @@
 """Selective scan for NVIDIA GPUs: Pallas kernels lowered through Triton (DESIGN §3).
 
-Backend choice, by measurement (H100, ViM-S shape, fp32; docs/benchmarks.md): these kernels run
-the forward in 0.189 ms (13.8x associative_scan; HBM floor 0.105 ms, MUFU floor for its 21
-transcendental operations per channel-step about 0.1 ms) and forward+backward in 1.37 ms (24x).
-The same forward written for Mosaic GPU (``toppax/tools/bench_mgpu_scan.py``: warpgroup per 128
-channels, rows streamed through shared memory by TMA) ran 0.165 ms against 0.198 ms for this
-one in the same run, so the forward should move to Mosaic GPU; that kernel covers only ViM's
-call (no reverse, gaps, checkpoints, or D off a multiple of 128) and has no backward, so the op
-still uses these Triton-lowered kernels, which implement every option. Triton suits the
-sequential per-thread recurrence (registers of any power-of-two shape, the kernel's own scalar
-loads and inline PTX) but leaves register layouts to the compiler: the backward's (N, BD) tile
-and its cross-channel reductions use 255 registers, 8 warps per SM. JAX's documentation keeps
-the Triton backend on a best-effort basis; the launchers below are the only place that names
-the backend, so Mosaic GPU kernels can replace them behind the same ``forward``/``backward``
-interface.
+Backend choice, by measurement (H100, ViM-S shape, fp32; docs/benchmarks.md): the inference
+forward runs on Mosaic GPU (``mgpu_scan``, 0.165 ms, 15.8x associative_scan) whenever D is a
+multiple of 128 and that kernel compiles, because it measured faster than the Triton forward
+here (0.167 vs 0.189 ms in one run); ``forward`` hands it over. The training forward (which
+also writes the checkpoints), the backward and other shapes run the Triton-lowered kernels in
+this module (forward 0.189 ms; forward+backward 1.37 ms, 24x), which implement every option.
+Triton suits the sequential per-thread recurrence (registers of any power-of-two shape, the
+kernel's own scalar loads and inline PTX) but leaves register layouts to the compiler: the
+backward's (N, BD) tile and its cross-channel reductions use 255 registers, 8 warps per SM,
+which is where a Mosaic GPU backward (explicit layouts, shared memory) would come in. JAX's
+documentation keeps the Triton backend on a best-effort basis; the launchers below are the only
+place that names a backend.
 
 Forward: grid (D / BD, batch); each program owns BD channels of one sequence and walks the L
 time steps in scan order. The state is N separate (BD,) vectors, so each thread holds all N
