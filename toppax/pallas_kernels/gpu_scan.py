@@ -139,8 +139,9 @@ def _consts(cfg, rows, a_ref, d_ref, bias_ref):
 class _FastMath:
   """exp2, log2 and reciprocal as single MUFU instructions (PTX ``ex2/lg2/rcp.approx.ftz``).
 
-  Measured on an H100: jnp.exp2 and 1/x lower to denormal-safe sequences and jnp.log2/log1p
-  to libdevice polynomials, about twice the forward kernel's instructions. The approximations
+  Measured on an H100 (Nsight Compute, ViM-S forward): with jnp.exp2 and 1/x (denormal-safe
+  sequences) and jnp.log2 (a libdevice polynomial) the forward executed 138.5 M warp
+  instructions, with these 94.9 M (0.201 -> 0.190 ms under the profiler). The approximations
   are within 2 ulp (ex2, rcp) and 2^-22 absolute (lg2); ftz flushes only results below 1e-38.
   Interpret mode (CPU tests) evaluates the same formulas with jnp.
   """
