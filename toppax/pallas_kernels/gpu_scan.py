@@ -398,8 +398,11 @@ def _nbytes(*xs):
 
 def forward(cfg, args, save):
   if not save:
-    from toppax.pallas_kernels import mgpu_scan
-    if mgpu_scan.usable(cfg, args):     # measured faster (module docstring)
+    try:
+      from toppax.pallas_kernels import mgpu_scan
+    except ImportError:                 # a jax without Pallas' Mosaic GPU backend
+      mgpu_scan = None
+    if mgpu_scan is not None and mgpu_scan.usable(cfg, args):   # measured faster (docstring)
       return mgpu_scan.forward(cfg, args), None
   batch, length, dim = args.u.shape
   at, B, C, n = _padded_state(args)

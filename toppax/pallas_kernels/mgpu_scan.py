@@ -2,8 +2,8 @@
 
 Measured on an H100 (ViM-S shape, fp32, docs/benchmarks.md) this forward runs in 0.165 ms where
 the Triton-lowered forward of ``gpu_scan`` takes 0.198 ms in the same run, so ``gpu_scan.forward``
-hands the inference forward (no checkpoints) here whenever the shapes suit it: D a multiple of
-128 and a row of B/C a multiple of 16 bytes (TMA). Training (forward with checkpoints and the
+hands the inference forward (no checkpoints) here on GPUs of compute capability 9.0 or newer
+(TMA) whenever the shapes suit it: D a multiple of 128 and a row of B/C a multiple of 16 bytes. Training (forward with checkpoints and the
 backward) stays on the Triton kernels. If the kernel does not compile for a signature, the
 Triton forward is used with a logged warning.
 
@@ -172,10 +172,21 @@ def _compiles(cfg, specs):
 
 
 def usable(cfg, args) -> bool:
-  """Whether gpu_scan should run this inference forward: on a GPU, not in interpret mode, not
-  turned off (tuning ``fwd_backend="triton"``), shapes supported and the kernel compiles."""
+  """Whether gpu_scan should run this inference forward: on an sm_90+ GPU, not in interpret
+  mode, not turned off (tuning ``fwd_backend="triton"``), shapes supported, and it compiles."""
   if cfg.interpret or cfg.tune("fwd_backend", "mosaic") != "mosaic" or not supports(args):
     return False
-  if jax.default_backend() != "gpu":
+  if not _sm90_or_newer():
     return False
   return _compiles(cfg, tuple(_spec(x) for x in args))
+
+
+def _sm90_or_newer() -> bool:
+  """The kernel's TMA pipeline needs an NVIDIA GPU of compute capability 9.0 or newer (ROCm
+  devices have no ``compute_capability``; A100s are 8.0)."""
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    return float(jax.devices()[0].compute_capability) >= 9.0
+  except (AttributeError, TypeError, ValueError):
+    return False
