@@ -187,6 +187,6 @@ def _sm90_or_newer() -> bool:
   if jax.default_backend() != "gpu":
     return False
   try:
-    return float(jax.devices()[0].compute_capability) >= 9.0
+    return float(str(jax.devices()[0].compute_capability)) >= 9.0   # "9.0" on an H100
   except (AttributeError, TypeError, ValueError):
     return False
