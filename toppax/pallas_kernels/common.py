@@ -21,6 +21,7 @@ from toppax.ssm import ops
 log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,15 @@ def make_impl(backend: str, native_platforms: tuple[str, ...], default_tuning=()
 def softplus(x):
   # Same function as ops.softplus (logaddexp(x, 0)) in the ops both Pallas backends lower.
   return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def softplus_from_exp2(x, exp2=jnp.exp2, log2=jnp.log2, div=jnp.divide):
+  """softplus as log2(1 + 2^(x log2 e)) ln 2 with Goldberg's log1p correction, log1p(e) =
+  log(1 + e) e / ((1 + e) - 1), accurate where 1 + e rounds. The GPU kernels pass
+  single-instruction exp2/log2/division (gpu_scan) or get them from approx_math (mgpu_scan)."""
+  e = exp2(jnp.minimum(x, 20.0) * LOG2E)
+  w = 1.0 + e
+  return jnp.where(x > 20.0, x, jnp.where(w == 1.0, e, log2(w) * LN2 * div(e, w - 1.0)))
 
 
 def sigmoid(x):

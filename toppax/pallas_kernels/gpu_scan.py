@@ -39,9 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import LOG2E, ScanArgs, sigmoid
-
-LN2 = 0.6931471805599453
+from toppax.pallas_kernels.common import LN2, LOG2E, ScanArgs, sigmoid, softplus_from_exp2
 
 # Forward: block_d channels per program over num_warps warps, rows loaded rows_ahead steps and
 # B, C scalars bc_ahead steps before use, chunks of fwd_chunk (inference) or ckpt_every
@@ -164,12 +162,7 @@ class _FastMath:
     return 1.0 / x if self.interpret else self._asm("rcp", x)
 
   def softplus(self, x):
-    """From exp2 and log2 with Goldberg's log1p correction, log1p(e) = log(1 + e) * e /
-    ((1 + e) - 1), which keeps it accurate where 1 + e rounds."""
-    e = self.exp2(jnp.minimum(x, 20.0) * LOG2E)
-    w = 1.0 + e
-    lp = jnp.where(w == 1.0, e, self.log2(w) * LN2 * (e * self.rcp(w - 1.0)))
-    return jnp.where(x > 20.0, x, lp)
+    return softplus_from_exp2(x, self.exp2, self.log2, lambda a, b: a * self.rcp(b))
 
   def sigmoid(self, x):
     return self.rcp(1.0 + self.exp2(x * -LOG2E))

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import LOG2E
+from toppax.pallas_kernels.common import LOG2E, softplus_from_exp2
 
 try:  # jax 0.11 registers Mosaic GPU's lowering only when this module is imported
   from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
@@ -37,7 +37,6 @@ except ImportError:  # pragma: no cover - older/newer layouts
 
 log = logging.getLogger(__name__)
 
-LN2 = 0.6931471805599453
 LANES = 128
 # Steps per shared-memory chunk (None: 32 bytes of each channel, 8 fp32 or 16 bf16 steps) and
 # chunks in flight, measured on an H100 (docs/benchmarks.md), ViM-S: chunk 4 / 8 / 16 fp32
@@ -70,12 +69,6 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
   block = (lambda c: n_chunks - 1 - c) if cfg.reverse else (lambda c: c)
   gap_rule, has_z = cfg.gap_delta, cfg.has_z
 
-  def softplus(x):
-    # log1p(e) = log(1 + e) e / ((1 + e) - 1) (Goldberg): accurate where 1 + e rounds.
-    e = jnp.exp2(jnp.minimum(x, 20.0) * LOG2E)
-    w = 1.0 + e
-    return jnp.where(x > 20.0, x, jnp.where(w == 1.0, e, jnp.log2(w) * LN2 * (e / (w - 1.0))))
-
   def kernel(*refs):
     it = iter(refs)
     u_g, dl_g = next(it), next(it)
@@ -98,14 +91,14 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
       bias = plgpu.load(p_s.at[1], (), layout=lay)
       tilde = None
       if gap_rule == "bias":
-        tilde = softplus(bias) if cfg.delta_softplus else bias
+        tilde = softplus_from_exp2(bias) if cfg.delta_softplus else bias
 
       def step(s, carry):
         hs, prev = carry
         t = steps - 1 - s if cfg.reverse else s
         uu = plgpu.load(u_s.at[t], (), layout=lay).astype(jnp.float32)
         x = plgpu.load(dl_s.at[t], (), layout=lay).astype(jnp.float32) + bias
-        dt = softplus(x) if cfg.delta_softplus else x
+        dt = softplus_from_exp2(x) if cfg.delta_softplus else x
         dec = dt
         if gap_rule is not None:
           g = g_s[block(idx[0]) * chunk + t]
