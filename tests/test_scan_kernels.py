@@ -133,14 +133,17 @@ def test_gradients_match_reference(impl, length, dim, reverse, gap_delta, with_g
 
 
 # Tunings that force many checkpoint chunks (GPU) and sequence tiles (TPU) at a short length.
-SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4, bwd_block_d=8),
+SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
                 "pallas_tpu": dict(lane_tile=128, max_seq_tile=8)}
 
 
 # The GPU forward's layouts: two channels per thread with rows 2 steps ahead (what it picks at
 # ViM-S batch 128) and one per thread with B/C 2 steps ahead; D = 70 leaves a partial block.
+# The backward: one warp per program (3 programs, the last partial) or two (per-warp dB/dC
+# partial sums), checkpoints every 4 or 3 steps.
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
-                                    dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2)])
+                                    dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
+                                    dict(bwd_num_warps=2, ckpt_every=3)])
 def test_gpu_forward_layouts_and_lookahead(tuning):
   length = 11
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 70, 4).items()}

@@ -53,8 +53,7 @@ from toppax.pallas_kernels.common import LN2, LOG2E, ScanArgs, sigmoid, softplus
 # channels per program. num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and
 # 3 measured no faster).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
-                      bc_ahead=1, bwd_block_d=32, bwd_num_warps=1, num_stages=1,
-                      bwd_num_stages=1)
+                      bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1)
 WIDE_CHANNELS = 65536
 
 _SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
@@ -101,37 +100,6 @@ class _Rows:
 
 def _scan_order(cfg, length):
   return (lambda s: length - 1 - s) if cfg.reverse else (lambda s: s)
-
-
-def _step_inputs(cfg, rows, refs, t):
-  """Everything the forward recurrence reads at time t, in fp32."""
-  x = dict(u=rows.load(refs["u"], t), dr=rows.load(refs["delta"], t) + refs["bias"],
-           B=refs["B"][t, :].astype(jnp.float32))
-  if cfg.gap_delta is not None:
-    x["g"] = refs["gaps"][t]
-  return x
-
-
-def _recur(cfg, consts, h, prev_dt, x):
-  """One step of h_t = exp2((Δ_t + g_t Δ̃_t) A log2 e) h_{t-1} + Δ_t u_t B_t."""
-  fm = _FastMath(cfg.interpret)
-  dt = fm.softplus(x["dr"]) if cfg.delta_softplus else x["dr"]
-  dec = dt
-  if cfg.gap_delta is not None:
-    tilde = prev_dt if cfg.gap_delta == "prev" else consts["tilde"]
-    dec = dt + x["g"] * tilde
-  a = fm.exp2(consts["A2"] * dec[None, :])
-  h = a * h + x["B"][:, None] * (dt * x["u"])[None, :]
-  return h, dt, dec, a
-
-
-def _consts(cfg, rows, a_ref, d_ref, bias_ref):
-  # Only A log2(e) is kept (registers are the backward's limit); ddec rescales by ln 2.
-  consts = dict(A2=rows.load(a_ref) * LOG2E, D=rows.load(d_ref), bias=rows.load(bias_ref))
-  if cfg.gap_delta == "bias":
-    consts["tilde"] = (_FastMath(cfg.interpret).softplus(consts["bias"]) if cfg.delta_softplus
-                       else consts["bias"])
-  return consts
 
 
 class _FastMath:
@@ -256,7 +224,59 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead):
   jax.lax.fori_loop(0, length // chunk, body, carry)
 
 
-def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
+class _Warp:
+  """Cross-lane sums for the lanes-layout backward: a (BD,) vector with BD = 32 x warps holds one
+  channel per thread (element i on lane i % 32 of warp i // 32), so ``shfl.sync.bfly`` (inline
+  PTX) exchanges values between the channels of a warp. Interpret mode permutes the vector the
+  same way."""
+
+  def __init__(self, interpret, block_d):
+    self.interpret = interpret
+    self.lane = jnp.arange(block_d, dtype=jnp.int32) & 31
+
+  def shfl_xor(self, x, offset):
+    if self.interpret:
+      return x[jnp.arange(x.shape[0], dtype=jnp.int32) ^ offset]
+    return pltriton.elementwise_inline_asm(
+        f"shfl.sync.bfly.b32 $0, $1, {offset}, 0x1f, 0xffffffff;", args=[x],
+        constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+  def broadcast(self, x, src):
+    """Every lane gets lane ``src`` of its warp's x (``shfl.sync.idx``)."""
+    if self.interpret:
+      return x[(jnp.arange(x.shape[0], dtype=jnp.int32) & ~31) + src]
+    return pltriton.elementwise_inline_asm(
+        f"shfl.sync.idx.b32 $0, $1, {src}, 0x1f, 0xffffffff;", args=[x],
+        constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+  def reduce_scatter(self, vals):
+    """Sums m (BD,) vectors over the 32 lanes of each warp, spreading the m sums over the lanes:
+    returns [(sums, index)] where lane L's ``sums`` is the warp total of ``vals[index[L]]``.
+    Each halving level keeps one half of the list and ships the other to the partner lane
+    (31 shuffles for 32 values, not 5 x 32 for separate butterflies)."""
+    index = jnp.zeros_like(self.lane)
+    for offset in (16, 8, 4, 2, 1):
+      if len(vals) > 1:
+        half = len(vals) // 2
+        upper = (self.lane & offset) != 0
+        new = []
+        for j in range(half):
+          lo, hi = vals[j], vals[j + half]
+          new.append(jnp.where(upper, hi, lo) + self.shfl_xor(jnp.where(upper, lo, hi), offset))
+        vals = new
+        index = index + jnp.where(upper, half, 0)
+      else:
+        vals = [vals[0] + self.shfl_xor(vals[0], offset)]
+    return [(v, index + j) for j, v in enumerate(vals)]
+
+
+def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
+  """The backward with one channel per thread (the forward's layout): the state, its adjoint
+  and dA are n separate (BD,) vectors, B_t and C_t scalars; only dB and dC cross lanes, through
+  one warp reduce-scatter each per step. a_t h_{t-1} is taken as h_t - B_t Δ_t u_t, so a chunk
+  keeps K states, not K + 1."""
   it = iter(refs)
   r = dict(u=next(it), delta=next(it))
   r["z"] = next(it) if cfg.has_z else None
@@ -270,84 +290,125 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk):
 
   rows = _Rows(block_d, dim)
   fm = _FastMath(cfg.interpret)
-  consts = _consts(cfg, rows, a_ref, d_ref, bias_ref)
-  r["bias"] = consts["bias"]
+  warp = _Warp(cfg.interpret, block_d)
+  a2_kept = [rows.load(a_ref, i) * LOG2E for i in range(n)]
+  a2 = lambda i: a2_kept[i]
+  d_skip, bias = rows.load(d_ref), rows.load(bias_ref)
+  tilde = None
+  if cfg.gap_delta == "bias":
+    tilde = fm.softplus(bias) if cfg.delta_softplus else bias
   t_of = _scan_order(cfg, length)
   prev_rule = cfg.gap_delta == "prev"
+  wid = jnp.arange(block_d, dtype=jnp.int32) // 32
 
-  def chunk_bwd(base, steps, h0, carry):
-    # Recompute this chunk's states from its checkpoint; unrolled, so they live in registers.
+  def put(ref, t, vals):
+    for v, idx in warp.reduce_scatter(vals):
+      if warps == 1:
+        ref[t, idx] = v.astype(ref.dtype)
+      else:
+        ref[wid, t, idx] = v.astype(ref.dtype)
+
+  def dt_of(dr):
+    return fm.softplus(dr) if cfg.delta_softplus else dr
+
+  # B_t and C_t: lane L loads entry L (one coalesced load per 32 states) and shfl.idx hands
+  # entry j to the warp when it is used, so a step's row costs one register per 32 states, not
+  # one per state (ptxas hoists loads of the whole chunk).
+  nvec = -(-n // 32)
+  state_idx = [jnp.minimum(warp.lane + 32 * k, n - 1) for k in range(nvec)]
+
+  def load_state_row(ref, t):
+    return [ref[t, idx].astype(jnp.float32) for idx in state_idx]
+
+  def entries(vecs):
+    return lambda j: warp.broadcast(vecs[j // 32], j % 32)
+
+  def chunk_bwd(base, steps, h, carry):
     if prev_rule:
       if isinstance(base, int) and base == 0:
         prev = jnp.zeros((block_d,), jnp.float32)
       else:
-        t_prev = t_of(jnp.maximum(base - 1, 0))
-        dr = rows.load(r["delta"], t_prev) + consts["bias"]
-        prev = fm.softplus(dr) if cfg.delta_softplus else dr
-    else:
-      prev = None
-    hs, xs = [h0], []
-    h = h0
-    for i in range(steps):
-      x = _step_inputs(cfg, rows, r, t_of(base + i))
-      h, prev, x["dec"], _ = _recur(cfg, consts, h, prev, x)
-      x["dt"] = prev
+        prev = dt_of(rows.load(r["delta"], t_of(jnp.maximum(base - 1, 0))) + bias)
+    hs, xs = [], []
+    for i in range(steps):            # recompute the chunk's states from its checkpoint
+      t = t_of(base + i)
+      x = dict(u=rows.load(r["u"], t), dr=rows.load(r["delta"], t) + bias)
+      x["dt"] = dt = dt_of(x["dr"])
+      dec = dt
+      if cfg.gap_delta is not None:
+        x["g"] = r["gaps"][t]
+        dec = dt + x["g"] * (prev if prev_rule else tilde)
+        prev = dt
+      x["dec"] = dec
+      dtu = dt * x["u"]
+      b = entries(load_state_row(r["B"], t))
+      h = [b(j) * dtu + fm.exp2(a2(j) * dec) * h[j] for j in range(n)]
       hs.append(h)
-      del x["B"]
       xs.append(x)
 
-    dh, gcarry, dA, dD, dbias, dtilde = carry
+    dh, dA, gcarry, dD, dbias, dtilde = carry
     for i in reversed(range(steps)):
       t = t_of(base + i)
-      x, h, h_prev = xs[i], hs[i + 1], hs[i]
-      dt, u, dec = x["dt"], x["u"], x["dec"]
-      c = r["C"][t, :].astype(jnp.float32)
+      x, h = xs[i], hs[i]
+      u, dt, dec = x["u"], x["dt"], x["dec"]
+      c_row = entries(load_state_row(r["C"], t))
+      c = [c_row(j) for j in range(n)]
       dout = rows.load(dy_ref, t)
       if cfg.has_z:
         z = rows.load(r["z"], t)
         sz = fm.sigmoid(z)
-        y_pre = jnp.sum(h * c[:, None], axis=0) + consts["D"] * u
+        y_pre = d_skip * u
+        for j in range(n):
+          y_pre = y_pre + c[j] * h[j]
         rows.store(dz_ref, dout * y_pre * sz * (1.0 + z * (1.0 - sz)), t)
         dy = dout * z * sz
       else:
         dy = dout
       dD = dD + dy * u
-      dh = dh + c[:, None] * dy[None, :]
-      dC_ref[t, :] = jnp.sum(h * dy[None, :], axis=1).astype(dC_ref.dtype)
-      dB_ref[t, :] = jnp.sum(dh * (dt * u)[None, :], axis=1).astype(dB_ref.dtype)
-      # Rows of B are reloaded (cache hits) rather than kept: an (N,) row held per step costs
-      # N registers per thread in the (N, BD) tile's layout and made the chunk spill.
-      b = r["B"][t, :].astype(jnp.float32)
-      dbu = jnp.sum(dh * b[:, None], axis=0)
-      a = fm.exp2(consts["A2"] * dec[None, :])
-      da = dh * h_prev * a
-      dA = dA + da * dec[None, :]
-      ddec = jnp.sum(da * consts["A2"], axis=0) * LN2
+      put(dC_ref, t, [h[j] * dy for j in range(n)])
+      dh = [dh[j] + c[j] * dy for j in range(n)]
+      dtu = dt * u
+      put(dB_ref, t, [dh[j] * dtu for j in range(n)])
+      dbu = jnp.zeros_like(u)
+      ddec = jnp.zeros_like(u)
+      new_dh, new_dA = [], []
+      b_row = entries(load_state_row(r["B"], t))
+      for j in range(n):
+        b = b_row(j)
+        dbu = dbu + dh[j] * b
+        a = fm.exp2(a2(j) * dec)
+        da = dh[j] * (h[j] - b * dtu)           # dh_t a_t h_{t-1}
+        new_dA.append(dA[j] + da * dec)
+        ddec = ddec + da * a2(j)
+        new_dh.append(a * dh[j])
+      dh, dA = new_dh, new_dA
+      ddec = ddec * LN2
       ddt = dbu * u + ddec
       if prev_rule:
         ddt = ddt + gcarry
-        gcarry = x["g"] * ddec               # flows to Δ of the previous step in scan order
+        gcarry = x["g"] * ddec
       elif cfg.gap_delta == "bias":
         dtilde = dtilde + x["g"] * ddec
       ddr = ddt * fm.sigmoid(x["dr"]) if cfg.delta_softplus else ddt
       dbias = dbias + ddr
-      rows.store(du_ref, dy * consts["D"] + dbu * dt, t)
+      rows.store(du_ref, dy * d_skip + dbu * dt, t)
       rows.store(ddelta_ref, ddr, t)
-      dh = a * dh
-    return dh, gcarry, dA, dD, dbias, dtilde
+    return dh, dA, gcarry, dD, dbias, dtilde
 
-  zeros_v = jnp.zeros((block_d,), jnp.float32)
-  zeros_s = jnp.zeros((n, block_d), jnp.float32)
-  carry = (zeros_s, zeros_v, zeros_s, zeros_v, zeros_v, zeros_v)
+  zeros = lambda: jnp.zeros((block_d,), jnp.float32)
+  carry = ([zeros() for _ in range(n)], [zeros() for _ in range(n)], zeros(), zeros(), zeros(),
+           zeros())
   head, full = length % chunk, length // chunk
 
   def body(i, carry):
     c = full - 1 - i
-    return chunk_bwd(head + c * chunk, chunk, rows.load(ck_ref, c), carry)
+    return chunk_bwd(head + c * chunk, chunk, [rows.load(ck_ref, (c, j)) for j in range(n)],
+                     carry)
 
   carry = jax.lax.fori_loop(0, full, body, carry)
-  _, _, dA, dD, dbias, dtilde = chunk_bwd(0, head, zeros_s, carry)
-  rows.store(dA_ref, dA)
+  _, dA, _, dD, dbias, dtilde = chunk_bwd(0, head, [zeros() for _ in range(n)], carry)
+  for j in range(n):
+    rows.store(dA_ref, dA[j], j)
   rows.store(dD_ref, dD)
   rows.store(dbias_ref, dbias)
   if dtilde_ref is not None:
@@ -436,7 +497,8 @@ def backward(cfg, args, ckpt, dy):
   chunk = cfg.tune("ckpt_every", DEFAULT_TUNING["ckpt_every"])
   # The checkpoints were written with the forward's block_d; any block_d reads them (D is the
   # checkpoints' last axis), so the backward picks its own.
-  block_d = min(cfg.tune("bwd_block_d", DEFAULT_TUNING["bwd_block_d"]), _pow2(dim))
+  warps = cfg.tune("bwd_num_warps", DEFAULT_TUNING["bwd_num_warps"])
+  block_d = 32 * warps                  # one channel per thread: the shuffles need whole warps
   n_d = pl.cdiv(dim, block_d)
   grid = (n_d, batch)
   seq, vec, in_specs = _common_specs(cfg, length, block_d, n)
@@ -451,9 +513,13 @@ def backward(cfg, args, ckpt, dy):
   if cfg.has_z:
     out_shape.append(jax.ShapeDtypeStruct(args.z.shape, args.z.dtype))
     out_specs.append(seq)
-  part_seq = pl.BlockSpec((_SQUEEZED, _SQUEEZED, length, n), lambda d, b: (d, b, 0, 0))
+  n_part = n_d * warps                  # dB, dC: one partial sum per warp
+  if warps > 1:
+    part_seq = pl.BlockSpec((warps, _SQUEEZED, length, n), lambda d, b: (d, b, 0, 0))
+  else:
+    part_seq = pl.BlockSpec((_SQUEEZED, _SQUEEZED, length, n), lambda d, b: (d, b, 0, 0))
   part_vec = pl.BlockSpec((_SQUEEZED, block_d), lambda d, b: (b, d))
-  out_shape += [jax.ShapeDtypeStruct((n_d, batch, length, n), f32)] * 2
+  out_shape += [jax.ShapeDtypeStruct((n_part, batch, length, n), f32)] * 2
   out_specs += [part_seq, part_seq]
   out_shape.append(jax.ShapeDtypeStruct((batch, n, dim), f32))
   out_specs.append(pl.BlockSpec((_SQUEEZED, n, block_d), lambda d, b: (b, 0, d)))
@@ -463,7 +529,7 @@ def backward(cfg, args, ckpt, dy):
 
   elems = batch * length * dim * n
   kernel = functools.partial(_bwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
-                             chunk=chunk)
+                             chunk=chunk, warps=warps)
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=cfg.interpret, name="selective_scan_bwd",

@@ -154,13 +154,12 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
 
 # The sweeps that chose gpu_scan.DEFAULT_TUNING also tried, for the forward, 32 or 128 channels
 # per warp (one or four per thread), rows 1, 6 or 8 steps ahead, B/C 0 or 2 steps ahead, chunks
-# of 2 or 8 and Triton software pipelining (num_stages 2, 3); for the backward, wider blocks
-# (64 on 2 warps), 16-channel blocks and checkpoints every 2, 3, 6, 8, 16 or 32 steps: none
-# faster beyond noise (docs/benchmarks.md).
+# of 2 or 8 and Triton software pipelining (num_stages 2, 3); for the backward, two warps per
+# program and checkpoints every 2, 3, 6, 8, 16 or 32 steps: none faster beyond noise except
+# every 2 steps, which doubles the checkpoints' memory (docs/benchmarks.md).
 FWD_VARIANTS = [dict(block_d=64, num_warps=1, fwd_chunk=4, rows_ahead=r, bc_ahead=1)
                 for r in (2, 4)]
-BWD_VARIANTS = [dict(ckpt_every=k, bwd_block_d=bd, bwd_num_warps=w) for k, bd, w in [
-    (4, 32, 1), (3, 32, 1)]]
+BWD_VARIANTS = [dict(ckpt_every=k, bwd_num_warps=w) for k, w in [(4, 1), (3, 1), (4, 2)]]
 
 
 def main(argv=None):
