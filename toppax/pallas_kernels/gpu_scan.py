@@ -1,15 +1,16 @@
 """Selective scan for NVIDIA GPUs: Pallas kernels lowered through Triton (DESIGN §3).
 
 Backend choice, by measurement (H100, ViM-S shape, fp32; docs/benchmarks.md): the inference
-forward runs on Mosaic GPU (``mgpu_scan``, 0.165 ms, 15.8x associative_scan) whenever D is a
+forward runs on Mosaic GPU (``mgpu_scan``, 0.164 ms, 15.8x associative_scan) whenever D is a
 multiple of 128 and that kernel compiles, because it measured faster than the Triton forward
 here (0.167 vs 0.189 ms in one run); ``forward`` hands it over. The training forward (which
 also writes the checkpoints), the backward and other shapes run the Triton-lowered kernels in
-this module (forward 0.189 ms; forward+backward 1.37 ms, 24x), which implement every option.
+this module (forward 0.189 ms; forward+backward 1.10 ms, 30x), which implement every option.
 Triton suits the sequential per-thread recurrence (registers of any power-of-two shape, the
-kernel's own scalar loads and inline PTX) but leaves register layouts to the compiler: the
-backward's (N, BD) tile and its cross-channel reductions use 255 registers, 8 warps per SM,
-which is where a Mosaic GPU backward (explicit layouts, shared memory) would come in. JAX's
+kernel's own scalar loads and inline PTX, including warp shuffles) but leaves register
+allocation to the compiler: ptxas gives the backward 255 registers (8 one-warp programs per
+SM; with a 168 cap it would compile without spills and fit 12, but neither Pallas nor XLA,
+which compiles Pallas' Triton kernels on jaxlib 0.11, takes a register option). JAX's
 documentation keeps the Triton backend on a best-effort basis; the launchers below are the only
 place that names a backend.
 
@@ -22,12 +23,15 @@ instructions (``_FastMath``). ``reverse`` only changes which row a scan step rea
 flipped copies are made. Rows are read by indexing Refs (``u_ref[t, :]``): L is only a loop
 bound and need not be a power of two.
 
-Backward: the forward saves the fp32 state every K steps. The backward kernel holds the state
-as an (N, BD) tile and walks chunks of K steps last to first; per chunk it recomputes the K
-states from the checkpoint into registers (the chunk is unrolled, so they stay registers), then
-runs the adjoint recurrence over them. dB and dC are reduced over the program's BD channels and
-written per channel block; dA, dD and d(delta_bias) per batch element; XLA sums the partials
-afterwards. No atomics: the gradients are bitwise deterministic.
+Backward: the forward saves the fp32 state every K steps. The backward keeps the forward's
+layout, one channel per thread (32 per warp): per chunk of K steps, last to first, it recomputes
+the K states from the checkpoint into registers (the chunk is unrolled), then runs the adjoint
+recurrence over them. Everything but dB and dC stays inside the thread; those two are sums over
+channels, done per step by a warp reduce-scatter (``_Warp``: 15 shuffle-and-add levels plus one
+for 16 states, instead of 5 per state) and written as one partial per warp; dA, dD and
+d(delta_bias) per batch element; XLA sums the partials afterwards. This replaced an (N, BD)
+tile backward whose reductions went through shared memory and barriers (1.38 -> 1.10 ms
+forward+backward). No atomics: the gradients are bitwise deterministic.
 """
 from __future__ import annotations
 
@@ -49,9 +53,10 @@ from toppax.pallas_kernels.common import LN2, LOG2E, ScanArgs, sigmoid, softplus
 # thread, so there are twice the programs to fill the GPU, and rows 4 ahead. Measured on an
 # H100 (docs/benchmarks.md), fp32/bf16 ms: ViM-S b128 (98,304 channels) 0.187/0.194 wide vs
 # 0.271/0.223 narrow; ViM-T b128 (49,152) 0.140/0.123 narrow vs 0.152/0.167 wide.
-# Backward: the checkpoint interval K = ckpt_every is also its unrolled chunk; bwd_block_d
-# channels per program. num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and
-# 3 measured no faster).
+# Backward: the checkpoint interval K = ckpt_every is also its unrolled chunk (K = 2 measured
+# 1.5% faster but doubles the checkpoints' memory); bwd_num_warps warps of 32 channels per
+# program. num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and 3 measured no
+# faster).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1)
 WIDE_CHANNELS = 65536
@@ -225,7 +230,7 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead):
 
 
 class _Warp:
-  """Cross-lane sums for the lanes-layout backward: a (BD,) vector with BD = 32 x warps holds one
+  """Cross-lane work for the backward: a (BD,) vector with BD = 32 x warps holds one
   channel per thread (element i on lane i % 32 of warp i // 32), so ``shfl.sync.bfly`` (inline
   PTX) exchanges values between the channels of a warp. Interpret mode permutes the vector the
   same way."""
@@ -274,7 +279,7 @@ class _Warp:
 
 def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
   """The backward with one channel per thread (the forward's layout): the state, its adjoint
-  and dA are n separate (BD,) vectors, B_t and C_t scalars; only dB and dC cross lanes, through
+  and dA are n separate (BD,) vectors, B_t and C_t broadcast per state; only dB and dC cross lanes, through
   one warp reduce-scatter each per step. a_t h_{t-1} is taken as h_t - B_t Δ_t u_t, so a chunk
   keeps K states, not K + 1."""
   it = iter(refs)
@@ -312,8 +317,8 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
     return fm.softplus(dr) if cfg.delta_softplus else dr
 
   # B_t and C_t: lane L loads entry L (one coalesced load per 32 states) and shfl.idx hands
-  # entry j to the warp when it is used, so a step's row costs one register per 32 states, not
-  # one per state (ptxas hoists loads of the whole chunk).
+  # entry j to the warp where it is used: 69 instead of 294 load instructions in the kernel's
+  # SASS, 1.097 vs 1.115 ms forward+backward (ViM-S, H100, separate runs: about even).
   nvec = -(-n // 32)
   state_idx = [jnp.minimum(warp.lane + 32 * k, n - 1) for k in range(nvec)]
 
