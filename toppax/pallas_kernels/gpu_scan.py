@@ -279,9 +279,9 @@ class _Warp:
 
 def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
   """The backward with one channel per thread (the forward's layout): the state, its adjoint
-  and dA are n separate (BD,) vectors, B_t and C_t broadcast per state; only dB and dC cross lanes, through
-  one warp reduce-scatter each per step. a_t h_{t-1} is taken as h_t - B_t Δ_t u_t, so a chunk
-  keeps K states, not K + 1."""
+  and dA are n separate (BD,) vectors, B_t and C_t broadcast per state; only dB and dC cross
+  lanes, through one warp reduce-scatter each per step. a_t h_{t-1} is taken as
+  h_t - B_t Δ_t u_t, so a chunk keeps K states, not K + 1."""
   it = iter(refs)
   r = dict(u=next(it), delta=next(it))
   r["z"] = next(it) if cfg.has_z else None
