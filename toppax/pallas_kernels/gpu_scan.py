@@ -296,8 +296,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
   rows = _Rows(block_d, dim)
   fm = _FastMath(cfg.interpret)
   warp = _Warp(cfg.interpret, block_d)
-  a2_kept = [rows.load(a_ref, i) * LOG2E for i in range(n)]
-  a2 = lambda i: a2_kept[i]
+  a2 = [rows.load(a_ref, i) * LOG2E for i in range(n)]
   d_skip, bias = rows.load(d_ref), rows.load(bias_ref)
   tilde = None
   if cfg.gap_delta == "bias":
@@ -347,7 +346,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
       x["dec"] = dec
       dtu = dt * x["u"]
       b = entries(load_state_row(r["B"], t))
-      h = [b(j) * dtu + fm.exp2(a2(j) * dec) * h[j] for j in range(n)]
+      h = [b(j) * dtu + fm.exp2(a2[j] * dec) * h[j] for j in range(n)]
       hs.append(h)
       xs.append(x)
 
@@ -381,10 +380,10 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
       for j in range(n):
         b = b_row(j)
         dbu = dbu + dh[j] * b
-        a = fm.exp2(a2(j) * dec)
+        a = fm.exp2(a2[j] * dec)
         da = dh[j] * (h[j] - b * dtu)           # dh_t a_t h_{t-1}
         new_dA.append(dA[j] + da * dec)
-        ddec = ddec + da * a2(j)
+        ddec = ddec + da * a2[j]
         new_dh.append(a * dh[j])
       dh, dA = new_dh, new_dA
       ddec = ddec * LN2
