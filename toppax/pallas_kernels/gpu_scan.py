@@ -107,6 +107,17 @@ def _scan_order(cfg, length):
   return (lambda s: length - 1 - s) if cfg.reverse else (lambda s: s)
 
 
+def _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n):
+  """Per-channel constants of both kernels: A log2(e) per state (ddec rescales by ln 2), the D
+  skip, delta_bias, and the "bias" gap rule's Δ̃ = softplus(delta_bias)."""
+  a2 = [rows.load(a_ref, i) * LOG2E for i in range(n)]
+  d_skip, bias = rows.load(d_ref), rows.load(bias_ref)
+  tilde = None
+  if cfg.gap_delta == "bias":
+    tilde = fm.softplus(bias) if cfg.delta_softplus else bias
+  return a2, d_skip, bias, tilde
+
+
 class _FastMath:
   """exp2, log2 and reciprocal as single MUFU instructions (PTX ``ex2/lg2/rcp.approx.ftz``).
 
@@ -156,11 +167,7 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead):
 
   rows = _Rows(block_d, dim)
   fm = _FastMath(cfg.interpret)
-  a2 = [rows.load(a_ref, i) * LOG2E for i in range(n)]
-  d_skip, bias = rows.load(d_ref), rows.load(bias_ref)
-  tilde = None
-  if cfg.gap_delta == "bias":
-    tilde = fm.softplus(bias) if cfg.delta_softplus else bias
+  a2, d_skip, bias, tilde = _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n)
   t_of = _scan_order(cfg, length)
 
   # Software pipelining: the rows of step s + rows_ahead and the B, C scalars of step
@@ -296,11 +303,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
   rows = _Rows(block_d, dim)
   fm = _FastMath(cfg.interpret)
   warp = _Warp(cfg.interpret, block_d)
-  a2 = [rows.load(a_ref, i) * LOG2E for i in range(n)]
-  d_skip, bias = rows.load(d_ref), rows.load(bias_ref)
-  tilde = None
-  if cfg.gap_delta == "bias":
-    tilde = fm.softplus(bias) if cfg.delta_softplus else bias
+  a2, d_skip, bias, tilde = _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n)
   t_of = _scan_order(cfg, length)
   prev_rule = cfg.gap_delta == "prev"
   wid = jnp.arange(block_d, dtype=jnp.int32) // 32
