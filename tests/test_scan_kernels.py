@@ -140,10 +140,14 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # The GPU forward's layouts: two channels per thread with rows 2 steps ahead (what it picks at
 # ViM-S batch 128) and one per thread with B/C 2 steps ahead; D = 70 leaves a partial block.
 # The backward: one warp per program (3 programs, the last partial) or two (per-warp dB/dC
-# partial sums), checkpoints every 4 or 3 steps.
+# partial sums), checkpoints every 4 or 3 steps, and checkpoint intervals walked in
+# sub-chunks of 2 (11 = 3 + 2 x 4: a partial head of 2 + 1) or 1 step, each recomputed from the
+# interval's checkpoint.
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
-                                    dict(bwd_num_warps=2, ckpt_every=3)])
+                                    dict(bwd_num_warps=2, ckpt_every=3),
+                                    dict(ckpt_every=4, bwd_chunk=2, bwd_maxnreg=168),
+                                    dict(ckpt_every=3, bwd_chunk=1)])
 def test_gpu_forward_layouts_and_lookahead(tuning):
   length = 11
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 70, 4).items()}
@@ -254,13 +258,14 @@ EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True, 2), (jnp.float32, 3, Fals
                 (jnp.float32, 16, True, "prev", False, 384)]
 
 
-def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse, b):
+def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse, b, tuning=None):
   fn = ops._REGISTRY[impl]()
 
   def f(u, delta, A, B, C, D, z, bias, gaps):
     def loss(*a):
       return jnp.sum(fn(*a, delta_softplus=True, reverse=reverse, gaps=gaps, gap_delta=gap_delta,
-                        interpret=False, check_lowering=False).astype(jnp.float32))
+                        interpret=False, check_lowering=False,
+                        tuning=tuning).astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=tuple(range(8)))(u, delta, A, B, C, D, z, bias)
 
   S = jax.ShapeDtypeStruct
@@ -281,6 +286,30 @@ def test_gpu_kernels_lower_for_cuda(case):
               for t in ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")]
   text = _export_grad("pallas_gpu", "cuda", disabled, *case)
   assert text.count("selective_scan_fwd") >= 1 and text.count("selective_scan_bwd") >= 1
+
+
+_CUDA_DISABLED = [export.DisabledSafetyCheck.custom_call(t)
+                  for t in ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")]
+
+
+def test_register_cap_reaches_the_triton_module():
+  # gpu_scan._RegisterCap: the cap rides in the kernel's name and lands as the module attribute
+  # ttg.maxnreg in the Triton IR that XLA compiles (Triton turns it into PTX .maxnreg).
+  from toppax.pallas_kernels import gpu_scan
+  case = (jnp.float32, 16, True, "prev", False, 2)
+  tuning = dict(gpu_scan.DEFAULT_TUNING, bwd_maxnreg=168, maxnreg=200, bwd_chunk=2)
+  text = _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case, tuning=tuning)
+  assert gpu_scan._RegisterCap.installed
+  assert "selective_scan_bwd_maxnreg168" in text and "selective_scan_fwd_maxnreg200" in text
+  assert text.count("ttg.maxnreg") == 2
+  plain = _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
+                       tuning=dict(gpu_scan.DEFAULT_TUNING, maxnreg=None, bwd_maxnreg=None))
+  assert "ttg.maxnreg" not in plain
+  for bad in (dict(bwd_maxnreg=300), dict(bwd_maxnreg=16), dict(maxnreg=True),
+              dict(ckpt_every=4, bwd_chunk=3)):
+    with pytest.raises(ValueError, match="maxnreg|bwd_chunk"):
+      _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
+                   tuning=dict(gpu_scan.DEFAULT_TUNING, **bad))
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)

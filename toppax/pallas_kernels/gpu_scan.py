@@ -36,7 +36,9 @@ forward+backward). No atomics: the gradients are bitwise deterministic.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import re
 
 import jax
 from jax.experimental import pallas as pl
@@ -58,8 +60,11 @@ from toppax.pallas_kernels.common import LN2, LOG2E, ScanArgs, sigmoid, softplus
 # program. num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and 3 measured no
 # faster).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
-                      bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1)
+                      bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
+                      maxnreg=None, bwd_maxnreg=None, bwd_chunk=None)
 WIDE_CHANNELS = 65536
+
+log = logging.getLogger(__name__)
 
 _SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
 _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
@@ -150,6 +155,62 @@ class _FastMath:
 
   def sigmoid(self, x):
     return self.rcp(1.0 + self.exp2(x * -LOG2E))
+
+
+class _RegisterCap:
+  """A per-thread register limit (PTX ``.maxnreg``) for one Triton-lowered Pallas kernel.
+
+  Neither Pallas' ``CompilerParams`` nor XLA (which compiles Pallas' Triton kernels, custom call
+  ``__gpu$xla.gpu.triton``, on jaxlib 0.10-0.11) takes a register option. Triton itself carries
+  one as the module attribute ``ttg.maxnreg``, which its TritonGPU-to-LLVM conversion turns into
+  ``nvvm.maxnreg`` and the NVPTX backend into ``.maxnreg``. So the kernel's name carries the cap
+  (``<name>_maxnreg<cap>``: part of the traced kernel, so jit caches stay correct) and a wrapper
+  around Pallas' Triton lowering puts the attribute on that kernel's module. If the lowering
+  function is not where this jax keeps it, a warning is logged and kernels compile uncapped
+  (same results, the compiler's register count).
+  """
+  TAG = "_maxnreg"
+  installed = None                      # None: not tried yet; then True / False
+
+  @classmethod
+  def name(cls, base, cap):
+    if cap is None:
+      return base
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 24 <= cap <= 255:
+      raise ValueError(f"register cap (tuning maxnreg / bwd_maxnreg) must be an int in [24, 255] "
+                       f"(the PTX .maxnreg range), got {cap!r}; use None for no cap")
+    cls.install()
+    return f"{base}{cls.TAG}{cap}"
+
+  @classmethod
+  def install(cls):
+    if cls.installed is not None:
+      return
+    try:
+      from jax._src.lib.mlir import ir
+      from jax._src.pallas.triton import lowering
+      original = lowering.lower_jaxpr_to_triton_module
+    except (ImportError, AttributeError) as e:
+      log.warning("selective_scan: cannot cap registers on this jax (%s); kernels compile "
+                  "without a register cap", e)
+      cls.installed = False
+      return
+    pattern = re.compile(re.escape(cls.TAG) + r"(\d+)$")
+
+    @functools.wraps(original)
+    def lower_with_cap(jaxpr, *args, **kwargs):
+      result = original(jaxpr, *args, **kwargs)
+      match = pattern.search(getattr(jaxpr.debug_info, "func_name", "") or "")
+      if match:
+        with result.module.context:
+          result.module.operation.attributes["ttg.maxnreg"] = ir.IntegerAttr.get(
+              ir.IntegerType.get_signless(32), int(match.group(1)))
+      return result
+
+    lower_with_cap.toppax_register_cap = True
+    if not getattr(original, "toppax_register_cap", False):
+      lowering.lower_jaxpr_to_triton_module = lower_with_cap
+    cls.installed = True
 
 
 def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead):
@@ -284,7 +345,7 @@ class _Warp:
     return [(v, index + j) for j, v in enumerate(vals)]
 
 
-def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
+def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   """The backward with one channel per thread (the forward's layout): the state, its adjoint
   and dA are n separate (BD,) vectors, B_t and C_t broadcast per state; only dB and dC cross
   lanes, through one warp reduce-scatter each per step. a_t h_{t-1} is taken as
@@ -330,14 +391,15 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
   def entries(vecs):
     return lambda j: warp.broadcast(vecs[j // 32], j % 32)
 
-  def chunk_bwd(base, steps, h, carry):
+  def chunk_bwd(base, steps, h, carry, skip=0):
+    """Steps base + skip ... base + skip + steps - 1 (scan order); h is the state before base."""
     if prev_rule:
       if isinstance(base, int) and base == 0:
         prev = jnp.zeros((block_d,), jnp.float32)
       else:
         prev = dt_of(rows.load(r["delta"], t_of(jnp.maximum(base - 1, 0))) + bias)
     hs, xs = [], []
-    for i in range(steps):            # recompute the chunk's states from its checkpoint
+    for i in range(skip + steps):     # recompute the states from the checkpoint; keep the last
       t = t_of(base + i)
       x = dict(u=rows.load(r["u"], t), dr=rows.load(r["delta"], t) + bias)
       x["dt"] = dt = dt_of(x["dr"])
@@ -350,12 +412,13 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
       dtu = dt * x["u"]
       b = entries(load_state_row(r["B"], t))
       h = [b(j) * dtu + fm.exp2(a2[j] * dec) * h[j] for j in range(n)]
-      hs.append(h)
-      xs.append(x)
+      if i >= skip:
+        hs.append(h)
+        xs.append(x)
 
     dh, dA, gcarry, dD, dbias, dtilde = carry
     for i in reversed(range(steps)):
-      t = t_of(base + i)
+      t = t_of(base + skip + i)
       x, h = xs[i], hs[i]
       u, dt, dec = x["u"], x["dt"], x["dec"]
       c_row = entries(load_state_row(r["C"], t))
@@ -407,13 +470,20 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, warps):
            zeros())
   head, full = length % chunk, length // chunk
 
+  def interval(base, steps, h, carry):
+    # sub steps at a time, last first, each recomputed from the interval's checkpoint: only sub
+    # states are live (registers), for (K / sub + 1) / 2 times the recompute.
+    n_sub = -(-steps // sub)
+    for j in reversed(range(n_sub)):
+      carry = chunk_bwd(base, min(sub, steps - j * sub), h, carry, skip=j * sub)
+    return carry
+
   def body(i, carry):
     c = full - 1 - i
-    return chunk_bwd(head + c * chunk, chunk, [rows.load(ck_ref, (c, j)) for j in range(n)],
-                     carry)
+    return interval(head + c * chunk, chunk, [rows.load(ck_ref, (c, j)) for j in range(n)], carry)
 
   carry = jax.lax.fori_loop(0, full, body, carry)
-  _, dA, _, dD, dbias, dtilde = chunk_bwd(0, head, [zeros() for _ in range(n)], carry)
+  _, dA, _, dD, dbias, dtilde = interval(0, head, [zeros() for _ in range(n)], carry)
   for j in range(n):
     rows.store(dA_ref, dA[j], j)
   rows.store(dD_ref, dD)
@@ -486,7 +556,8 @@ def forward(cfg, args, save):
                              chunk=chunk, save=save, rows_ahead=rows_ahead)
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=cfg.interpret, name="selective_scan_fwd",
+      interpret=cfg.interpret,
+      name=_RegisterCap.name("selective_scan_fwd", cfg.tune("maxnreg", DEFAULT_TUNING["maxnreg"])),
       compiler_params=_CompilerParams(num_warps=cfg.tune("num_warps",
                                                          DEFAULT_TUNING["num_warps"]),
                                       num_stages=cfg.tune("num_stages",
@@ -535,11 +606,16 @@ def backward(cfg, args, ckpt, dy):
   out_specs += [part_vec] * n_vec
 
   elems = batch * length * dim * n
+  sub = cfg.tune("bwd_chunk", DEFAULT_TUNING["bwd_chunk"]) or chunk
+  if not (isinstance(sub, int) and 0 < sub <= chunk and chunk % sub == 0):
+    raise ValueError(f"tuning bwd_chunk must divide ckpt_every = {chunk}, got {sub!r}")
   kernel = functools.partial(_bwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
-                             chunk=chunk, warps=warps)
+                             chunk=chunk, sub=sub, warps=warps)
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=cfg.interpret, name="selective_scan_bwd",
+      interpret=cfg.interpret,
+      name=_RegisterCap.name("selective_scan_bwd",
+                             cfg.tune("bwd_maxnreg", DEFAULT_TUNING["bwd_maxnreg"])),
       compiler_params=_CompilerParams(num_warps=cfg.tune("bwd_num_warps",
                                                          DEFAULT_TUNING["bwd_num_warps"]),
                                       num_stages=cfg.tune("bwd_num_stages",
