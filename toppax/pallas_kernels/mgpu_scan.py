@@ -42,7 +42,7 @@ LANES = 128
 # chunks in flight, measured on an H100 (docs/benchmarks.md), ViM-S: chunk 4 / 8 / 16 fp32
 # 0.176 / 0.167 / 0.194 ms, bf16 0.194 / 0.180 / 0.173 ms; 3 in flight slower and, at chunk 32,
 # over the shared memory.
-DEFAULT_TUNING = dict(chunk=None, concurrent=2)
+DEFAULT_TUNING = dict(chunk=None, concurrent=2, div="divide")
 
 
 def supports(args) -> bool:
@@ -62,8 +62,19 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
   chunk = chunk or cfg.tune("mosaic_chunk", DEFAULT_TUNING["chunk"]) or (
       32 // jnp.dtype(args.u.dtype).itemsize)
   concurrent = concurrent or cfg.tune("mosaic_concurrent", DEFAULT_TUNING["concurrent"])
-  at = (args.A.astype(jnp.float32) * LOG2E).T                                   # (N, D)
-  params = jnp.stack([args.D.astype(jnp.float32), args.delta_bias.astype(jnp.float32)])
+  # A log2(e) transposed, D and delta_bias in one (N + 2, D) array: one XLA fusion, one TMA copy.
+  params = jnp.concatenate([(args.A.astype(jnp.float32) * LOG2E).T,
+                            args.D.astype(jnp.float32)[None],
+                            args.delta_bias.astype(jnp.float32)[None]])
+  if cfg.tune("mosaic_div", DEFAULT_TUNING["div"]) == "rsqrt2":
+    # x / y as x rsqrt(y)^2 (y > 0 wherever it is used): one rsqrt.approx MUFU op and two
+    # multiplies instead of the IEEE division Mosaic GPU emits for "/" (approx_math covers
+    # exp2/log2/rsqrt, not division).
+    def div(x, y):
+      r = jax.lax.rsqrt(y)
+      return x * (r * r)
+  else:
+    div = jnp.divide
   lay = plgpu.Layout.WG_STRIDED((LANES,), vec_size=1)
   n_chunks = pl.cdiv(length, chunk)
   block = (lambda c: n_chunks - 1 - c) if cfg.reverse else (lambda c: c)
@@ -75,7 +86,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
     z_g = next(it) if has_z else None
     b_g, c_g = next(it), next(it)
     g_g = next(it) if gap_rule is not None else None
-    at_g, p_g, y_g = next(it), next(it), next(it)
+    p_g, y_g = next(it), next(it)
     di, b = jax.lax.axis_index("d"), jax.lax.axis_index("b")
 
     def body(idx, *smem):
@@ -84,21 +95,22 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
       z_s = next(it) if has_z else None
       b_s, c_s = next(it), next(it)
       g_s = next(it) if gap_rule is not None else None
-      at_s, p_s, y_s, carry = next(it), next(it), next(it), next(it)
+      p_s, y_s, carry = next(it), next(it), next(it)
       steps = jnp.minimum(chunk, length - block(idx[0]) * chunk)
-      a2 = [plgpu.load(at_s.at[i], (), layout=lay) for i in range(n)]
-      d_skip = plgpu.load(p_s.at[0], (), layout=lay)
-      bias = plgpu.load(p_s.at[1], (), layout=lay)
+      a2 = [plgpu.load(p_s.at[i], (), layout=lay) for i in range(n)]
+      d_skip = plgpu.load(p_s.at[n], (), layout=lay)
+      bias = plgpu.load(p_s.at[n + 1], (), layout=lay)
+      softplus = functools.partial(softplus_from_exp2, div=div)
       tilde = None
       if gap_rule == "bias":
-        tilde = softplus_from_exp2(bias) if cfg.delta_softplus else bias
+        tilde = softplus(bias) if cfg.delta_softplus else bias
 
       def step(s, carry):
         hs, prev = carry
         t = steps - 1 - s if cfg.reverse else s
         uu = plgpu.load(u_s.at[t], (), layout=lay).astype(jnp.float32)
         x = plgpu.load(dl_s.at[t], (), layout=lay).astype(jnp.float32) + bias
-        dt = softplus_from_exp2(x) if cfg.delta_softplus else x
+        dt = softplus(x) if cfg.delta_softplus else x
         dec = dt
         if gap_rule is not None:
           g = g_s[block(idx[0]) * chunk + t]
@@ -112,7 +124,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
           new.append(h)
         if has_z:
           zz = plgpu.load(z_s.at[t], (), layout=lay).astype(jnp.float32)
-          y = y * zz / (1.0 + jnp.exp2(zz * -LOG2E))
+          y = y * div(zz, 1.0 + jnp.exp2(zz * -LOG2E))
         y_s[t, :] = y.astype(y_s.dtype)
         return tuple(new), dt
 
@@ -129,8 +141,8 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
       # Whole (padded) rows of gaps: TMA copies must be multiples of 128 bytes.
       specs.append(pl.BlockSpec((g_g.shape[1],), lambda c: (0,)))
       operands.append(g_g.at[b])
-    specs += [pl.BlockSpec((n, LANES), lambda c: (0, 0)), pl.BlockSpec((2, LANES), lambda c: (0, 0))]
-    operands += [at_g.at[:, cols], p_g.at[:, cols]]
+    specs.append(pl.BlockSpec((n + 2, LANES), lambda c: (0, 0)))
+    operands.append(p_g.at[:, cols])
     zeros = lambda: plgpu.layout_cast(jnp.zeros((LANES,), jnp.float32), lay)
     init = (tuple(zeros() for _ in range(n)), zeros())
     plgpu.emit_pipeline(body, grid=(n_chunks,), in_specs=specs, out_specs=[row],
@@ -145,7 +157,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
       kernel, out_type=jax.ShapeDtypeStruct(args.u.shape, args.u.dtype),
       grid=(dim // LANES, batch), grid_names=("d", "b"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      **({} if interpret is None else dict(interpret=interpret)))(*xs, at, params)
+      **({} if interpret is None else dict(interpret=interpret)))(*xs, params)
 
 
 def _spec(x):
