@@ -45,7 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import LN2, LOG2E, ScanArgs, sigmoid, softplus_from_exp2
+from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, sigmoid, softplus_from_exp2,
+                                          softplus_series)
 
 # Forward: block_d channels per program over num_warps warps, rows loaded rows_ahead steps and
 # B, C scalars bc_ahead steps before use, chunks of fwd_chunk (inference) or ckpt_every
@@ -61,7 +62,7 @@ from toppax.pallas_kernels.common import LN2, LOG2E, ScanArgs, sigmoid, softplus
 # faster).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
-                      maxnreg=None, bwd_maxnreg=None, bwd_chunk=None)
+                      maxnreg=None, bwd_maxnreg=None, bwd_chunk=None, softplus="goldberg")
 WIDE_CHANNELS = 65536
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,9 @@ class _FastMath:
   Interpret mode (CPU tests) evaluates the same formulas with jnp.
   """
 
-  def __init__(self, interpret):
+  def __init__(self, interpret, series=False):
     self.interpret = interpret
+    self.series = series
 
   def _asm(self, op, x):
     return pltriton.elementwise_inline_asm(
@@ -151,6 +153,8 @@ class _FastMath:
     return 1.0 / x if self.interpret else self._asm("rcp", x)
 
   def softplus(self, x):
+    if self.series:
+      return softplus_series(x, self.exp2, self.log2)
     return softplus_from_exp2(x, self.exp2, self.log2, lambda a, b: a * self.rcp(b))
 
   def sigmoid(self, x):
@@ -227,7 +231,7 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead):
   ck_ref = next(it) if save else None
 
   rows = _Rows(block_d, dim)
-  fm = _FastMath(cfg.interpret)
+  fm = _FastMath(cfg.interpret, cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series")
   a2, d_skip, bias, tilde = _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n)
   t_of = _scan_order(cfg, length)
 
@@ -362,7 +366,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   dtilde_ref = next(it) if cfg.gap_delta == "bias" else None
 
   rows = _Rows(block_d, dim)
-  fm = _FastMath(cfg.interpret)
+  fm = _FastMath(cfg.interpret, cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series")
   warp = _Warp(cfg.interpret, block_d)
   a2, d_skip, bias, tilde = _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n)
   t_of = _scan_order(cfg, length)

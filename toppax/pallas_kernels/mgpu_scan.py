@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import LOG2E, softplus_from_exp2
+from toppax.pallas_kernels.common import LOG2E, softplus_from_exp2, softplus_series
 
 try:  # jax 0.11 registers Mosaic GPU's lowering only when this module is imported
   from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
@@ -100,7 +100,8 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
       a2 = [plgpu.load(p_s.at[i], (), layout=lay) for i in range(n)]
       d_skip = plgpu.load(p_s.at[n], (), layout=lay)
       bias = plgpu.load(p_s.at[n + 1], (), layout=lay)
-      softplus = functools.partial(softplus_from_exp2, div=div)
+      softplus = (softplus_series if cfg.tune("softplus", "goldberg") == "series" else
+                  functools.partial(softplus_from_exp2, div=div))
       tilde = None
       if gap_rule == "bias":
         tilde = softplus(bias) if cfg.delta_softplus else bias
