@@ -319,34 +319,52 @@ class _Warp:
         constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
-  def broadcast(self, x, src):
-    """Every lane gets lane ``src`` of its warp's x (``shfl.sync.idx``)."""
+  def shfl_idx(self, x, src):
+    """Every lane gets lane ``src`` (a per-lane int32 vector) of its warp's x (``shfl.sync.idx``)."""
     if self.interpret:
       return x[(jnp.arange(x.shape[0], dtype=jnp.int32) & ~31) + src]
     return pltriton.elementwise_inline_asm(
-        f"shfl.sync.idx.b32 $0, $1, {src}, 0x1f, 0xffffffff;", args=[x],
-        constraints="=r,r", pack=1,
+        "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", args=[x, src],
+        constraints="=r,r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
+  def state_order(self, m):
+    """The lane-dependent order of m per-state registers that makes ``reduce_scatter`` need no
+    selects: lane L keeps state k ^ order[L] in its register k. order[L] has, for each halving
+    level of the reduce-scatter (lane offset o, half h of the values still held), the bit h set
+    when lane L has bit o set; so the registers a lane ships at a level (its upper half) hold
+    the states its partner keeps (the partner's lower half), and vice versa."""
+    order, length = jnp.zeros_like(self.lane), m
+    for offset in (16, 8, 4, 2, 1):
+      if length > 1:
+        length //= 2
+        order = order + jnp.where((self.lane & offset) != 0, length, 0)
+    return order
+
+  @staticmethod
+  def permute(vals, order):
+    """Register k of the result holds vals[k ^ order] (lane-dependent XOR of the index, by
+    selects one bit at a time; a permutation that is its own inverse)."""
+    bit = 1
+    while bit < len(vals):
+      flip = (order & bit) != 0
+      vals = [jnp.where(flip, vals[k ^ bit], vals[k]) for k in range(len(vals))]
+      bit *= 2
+    return vals
+
   def reduce_scatter(self, vals):
-    """Sums m (BD,) vectors over the 32 lanes of each warp, spreading the m sums over the lanes:
-    returns [(sums, index)] where lane L's ``sums`` is the warp total of ``vals[index[L]]``.
-    Each halving level keeps one half of the list and ships the other to the partner lane
-    (31 shuffles for 32 values, not 5 x 32 for separate butterflies)."""
-    index = jnp.zeros_like(self.lane)
+    """Sums m (BD,) vectors, held in ``state_order(m)``, over the 32 lanes of each warp and
+    spreads the m sums over the lanes: returns a list whose entry k is, on lane L, the warp
+    total of state k ^ order[L]. Each halving level keeps the lower half of the list and ships
+    the upper half to the partner lane: m - 1 shuffles and adds for m values (plus one per
+    level left once a single value remains), and no selects."""
     for offset in (16, 8, 4, 2, 1):
       if len(vals) > 1:
         half = len(vals) // 2
-        upper = (self.lane & offset) != 0
-        new = []
-        for j in range(half):
-          lo, hi = vals[j], vals[j + half]
-          new.append(jnp.where(upper, hi, lo) + self.shfl_xor(jnp.where(upper, lo, hi), offset))
-        vals = new
-        index = index + jnp.where(upper, half, 0)
+        vals = [vals[j] + self.shfl_xor(vals[j + half], offset) for j in range(half)]
       else:
         vals = [vals[0] + self.shfl_xor(vals[0], offset)]
-    return [(v, index + j) for j, v in enumerate(vals)]
+    return vals
 
 
 def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
@@ -373,8 +391,15 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   prev_rule = cfg.gap_delta == "prev"
   wid = jnp.arange(block_d, dtype=jnp.int32) // 32
 
+  # Every per-state value of a lane (A, the checkpoints, the recomputed states, their adjoints,
+  # dA) is kept in the warp's state order, so that the dB/dC reduce-scatter needs no selects
+  # (SASS: 60 of about 600 instructions per step were selects); sums over states do not care.
+  order = warp.state_order(n)
+  a2 = warp.permute(a2, order)
+
   def put(ref, t, vals):
-    for v, idx in warp.reduce_scatter(vals):
+    for k, v in enumerate(warp.reduce_scatter(vals)):
+      idx = order ^ k
       if warps == 1:
         ref[t, idx] = v.astype(ref.dtype)
       else:
@@ -393,7 +418,16 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
     return [ref[t, idx].astype(jnp.float32) for idx in state_idx]
 
   def entries(vecs):
-    return lambda j: warp.broadcast(vecs[j // 32], j % 32)
+    def entry(j):                       # this lane's state j ^ order
+      src = order ^ j
+      if nvec == 1:
+        return warp.shfl_idx(vecs[0], src)
+      vals = [warp.shfl_idx(v, src & 31) for v in vecs]
+      out = vals[0]
+      for k in range(1, nvec):
+        out = jnp.where((src >> 5) == k, vals[k], out)
+      return out
+    return entry
 
   def chunk_bwd(base, steps, h, carry, skip=0):
     """Steps base + skip ... base + skip + steps - 1 (scan order); h is the state before base."""
@@ -484,10 +518,12 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
 
   def body(i, carry):
     c = full - 1 - i
-    return interval(head + c * chunk, chunk, [rows.load(ck_ref, (c, j)) for j in range(n)], carry)
+    ck = warp.permute([rows.load(ck_ref, (c, j)) for j in range(n)], order)
+    return interval(head + c * chunk, chunk, ck, carry)
 
   carry = jax.lax.fori_loop(0, full, body, carry)
   _, dA, _, dD, dbias, dtilde = interval(0, head, [zeros() for _ in range(n)], carry)
+  dA = warp.permute(dA, order)          # back to state j in entry j
   for j in range(n):
     rows.store(dA_ref, dA[j], j)
   rows.store(dD_ref, dD)
@@ -632,6 +668,10 @@ def backward(cfg, args, ckpt, dy):
   dz = outs.pop(0) if cfg.has_z else None
   dB_p, dC_p, dA_p, dD_p, dbias_p = (outs.pop(0) for _ in range(5))
   dbias = dbias_p.sum(0)
+  if cfg.tune("partial_sum", "reduce") == "add":
+    part_sum = lambda p: functools.reduce(jnp.add, [p[i] for i in range(p.shape[0])])
+  else:
+    part_sum = lambda p: p.sum(0)
   if cfg.gap_delta == "bias":
     dtilde = outs.pop(0).sum(0)
     bias = args.delta_bias.astype(f32)
@@ -639,8 +679,8 @@ def backward(cfg, args, ckpt, dy):
   return ScanArgs(
       u=du, delta=ddelta,
       A=dA_p.sum(0).T[:, :n_orig].astype(args.A.dtype),
-      B=dB_p.sum((0,))[..., :n_orig].astype(args.B.dtype),
-      C=dC_p.sum((0,))[..., :n_orig].astype(args.C.dtype),
+      B=part_sum(dB_p)[..., :n_orig].astype(args.B.dtype),
+      C=part_sum(dC_p)[..., :n_orig].astype(args.C.dtype),
       D=dD_p.sum(0).astype(args.D.dtype), z=dz,
       delta_bias=dbias.astype(args.delta_bias.dtype),
       gaps=None if args.gaps is None else jnp.zeros_like(args.gaps))
