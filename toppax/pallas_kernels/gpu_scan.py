@@ -62,7 +62,7 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, sigmoid, softplu
 # faster).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
-                      maxnreg=None, bwd_maxnreg=None, bwd_chunk=None, softplus="goldberg")
+                      maxnreg=None, bwd_maxnreg=168, bwd_chunk=2, softplus="series")
 WIDE_CHANNELS = 65536
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ LANES = 128
 # chunks in flight, measured on an H100 (docs/benchmarks.md), ViM-S: chunk 4 / 8 / 16 fp32
 # 0.176 / 0.167 / 0.194 ms, bf16 0.194 / 0.180 / 0.173 ms; 3 in flight slower and, at chunk 32,
 # over the shared memory.
-DEFAULT_TUNING = dict(chunk=None, concurrent=2, div="divide")
+DEFAULT_TUNING = dict(chunk=None, concurrent=2, div="divide", softplus="series")
 
 
 def supports(args) -> bool:
@@ -89,22 +89,33 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
     p_g, y_g = next(it), next(it)
     di, b = jax.lax.axis_index("d"), jax.lax.axis_index("b")
 
+    cols = pl.ds(di * LANES, LANES)
+
+    # The per-channel parameters go to registers once, through a shared-memory buffer that is
+    # released before the pipeline allocates its own: a pipelined (N + 2, 128) block took
+    # 18 KB of the 53 KB per CTA, and 53 KB allows 4 CTAs per SM, 1.45 waves of the ViM-S grid
+    # (768 CTAs); 35 KB allows 6, one wave (Nsight Compute, H100).
+    def load_params(p_s, bar):
+      plgpu.copy_gmem_to_smem(p_g.at[:, cols], p_s, bar)
+      plgpu.barrier_wait(bar)
+      return tuple(plgpu.load(p_s.at[i], (), layout=lay) for i in range(n + 2))
+
+    *a2, d_skip, bias = pl.run_scoped(load_params, plgpu.SMEM((n + 2, LANES), jnp.float32),
+                                      plgpu.Barrier(num_arrivals=1))
+    softplus = (softplus_series if cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series" else
+                functools.partial(softplus_from_exp2, div=div))
+    tilde = None
+    if gap_rule == "bias":
+      tilde = softplus(bias) if cfg.delta_softplus else bias
+
     def body(idx, *smem):
       it = iter(smem)
       u_s, dl_s = next(it), next(it)
       z_s = next(it) if has_z else None
       b_s, c_s = next(it), next(it)
       g_s = next(it) if gap_rule is not None else None
-      p_s, y_s, carry = next(it), next(it), next(it)
+      y_s, carry = next(it), next(it)
       steps = jnp.minimum(chunk, length - block(idx[0]) * chunk)
-      a2 = [plgpu.load(p_s.at[i], (), layout=lay) for i in range(n)]
-      d_skip = plgpu.load(p_s.at[n], (), layout=lay)
-      bias = plgpu.load(p_s.at[n + 1], (), layout=lay)
-      softplus = (softplus_series if cfg.tune("softplus", "goldberg") == "series" else
-                  functools.partial(softplus_from_exp2, div=div))
-      tilde = None
-      if gap_rule == "bias":
-        tilde = softplus(bias) if cfg.delta_softplus else bias
 
       def step(s, carry):
         hs, prev = carry
@@ -134,7 +145,6 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
     row = pl.BlockSpec((chunk, LANES), lambda c: (block(c), 0))
     state = pl.BlockSpec((chunk, n), lambda c: (block(c), 0))
     specs = [row, row] + ([row] if has_z else []) + [state, state]
-    cols = pl.ds(di * LANES, LANES)
     operands = [u_g.at[b, :, cols], dl_g.at[b, :, cols]]
     operands += [z_g.at[b, :, cols]] if has_z else []
     operands += [b_g.at[b], c_g.at[b]]
@@ -142,8 +152,6 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
       # Whole (padded) rows of gaps: TMA copies must be multiples of 128 bytes.
       specs.append(pl.BlockSpec((g_g.shape[1],), lambda c: (0,)))
       operands.append(g_g.at[b])
-    specs.append(pl.BlockSpec((n + 2, LANES), lambda c: (0, 0)))
-    operands.append(p_g.at[:, cols])
     zeros = lambda: plgpu.layout_cast(jnp.zeros((LANES,), jnp.float32), lay)
     init = (tuple(zeros() for _ in range(n)), zeros())
     plgpu.emit_pipeline(body, grid=(n_chunks,), in_specs=specs, out_specs=[row],
