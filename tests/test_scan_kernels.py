@@ -142,11 +142,13 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # The backward: one warp per program (3 programs, the last partial) or two (per-warp dB/dC
 # partial sums), checkpoints every 4 or 3 steps, and checkpoint intervals walked in
 # sub-chunks of 2 (11 = 3 + 2 x 4: a partial head of 2 + 1) or 1 step, each recomputed from the
-# interval's checkpoint; softplus by its log1p series (common.softplus_series).
+# interval's checkpoint (the default sub-chunk of 2 does not divide ckpt_every=3, so that interval
+# goes whole); softplus by its log1p series (common.softplus_series).
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
                                     dict(bwd_num_warps=2, ckpt_every=3),
-                                    dict(ckpt_every=4, bwd_chunk=2, bwd_maxnreg=168, softplus="series"),
+                                    dict(ckpt_every=4, bwd_chunk=2, bwd_maxnreg=168,
+                                         softplus="series"),
                                     dict(ckpt_every=3, bwd_chunk=1)])
 def test_gpu_forward_layouts_and_lookahead(tuning):
   length = 11
@@ -306,7 +308,7 @@ def test_register_cap_reaches_the_triton_module():
                        tuning=dict(gpu_scan.DEFAULT_TUNING, maxnreg=None, bwd_maxnreg=None))
   assert "ttg.maxnreg" not in plain
   for bad in (dict(bwd_maxnreg=300), dict(bwd_maxnreg=16), dict(maxnreg=True),
-              dict(ckpt_every=4, bwd_chunk=3)):
+              dict(ckpt_every=4, bwd_chunk=3), dict(bwd_chunk=True)):
     with pytest.raises(ValueError, match="maxnreg|bwd_chunk"):
       _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
                    tuning=dict(gpu_scan.DEFAULT_TUNING, **bad))

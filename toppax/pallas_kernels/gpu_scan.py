@@ -646,8 +646,14 @@ def backward(cfg, args, ckpt, dy):
   out_specs += [part_vec] * n_vec
 
   elems = batch * length * dim * n
-  sub = cfg.tune("bwd_chunk", DEFAULT_TUNING["bwd_chunk"]) or chunk
-  if not (isinstance(sub, int) and 0 < sub <= chunk and chunk % sub == 0):
+  sub = cfg.tune("bwd_chunk", None)
+  if sub is None:
+    # The default sub-chunk applies where it divides the checkpoint interval; an
+    # interval it does not divide (a user's ckpt_every=3) is processed whole.
+    sub = DEFAULT_TUNING["bwd_chunk"] or chunk
+    sub = sub if chunk % sub == 0 else chunk
+  if not (isinstance(sub, int) and not isinstance(sub, bool) and 0 < sub <= chunk
+          and chunk % sub == 0):
     raise ValueError(f"tuning bwd_chunk must divide ckpt_every = {chunk}, got {sub!r}")
   kernel = functools.partial(_bwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
                              chunk=chunk, sub=sub, warps=warps)
