@@ -1,18 +1,18 @@
 """Selective scan for NVIDIA GPUs: Pallas kernels lowered through Triton (DESIGN §3).
 
-Backend choice, by measurement (H100, ViM-S shape, fp32; docs/benchmarks.md): the inference
-forward runs on Mosaic GPU (``mgpu_scan``, 0.164 ms, 15.8x associative_scan) whenever D is a
-multiple of 128 and that kernel compiles, because it measured faster than the Triton forward
-here (0.167 vs 0.189 ms in one run); ``forward`` hands it over. The training forward (which
-also writes the checkpoints), the backward and other shapes run the Triton-lowered kernels in
-this module (forward 0.189 ms; forward+backward 1.10 ms, 30x), which implement every option.
+Backend choice, by measurement (ViM-S shape, fp32; docs/benchmarks.md): the inference forward
+runs on Mosaic GPU (``mgpu_scan``: 0.146 ms on an H200 and 0.146-0.149 ms on an H100) whenever
+D is a multiple of 128 and that kernel compiles, because it measured faster than the Triton
+forward (0.167 vs 0.189 ms in one H100 run); ``forward`` hands it over. The training forward
+(which also writes the checkpoints), the backward and other shapes run the Triton-lowered
+kernels in this module, which implement every option (forward+backward 0.959 ms on an H200).
 Triton suits the sequential per-thread recurrence (registers of any power-of-two shape, the
 kernel's own scalar loads and inline PTX, including warp shuffles) but leaves register
-allocation to the compiler: ptxas gives the backward 255 registers (8 one-warp programs per
-SM; with a 168 cap it would compile without spills and fit 12, but neither Pallas nor XLA,
-which compiles Pallas' Triton kernels on jaxlib 0.11, takes a register option). JAX's
-documentation keeps the Triton backend on a best-effort basis; the launchers below are the only
-place that names a backend.
+allocation to ptxas, which gives the backward 255 registers unless capped: ``_RegisterCap``
+sets the Triton module's ``ttg.maxnreg`` (PTX ``.maxnreg``), and the backward runs under a
+168-register cap (12 one-warp programs per SM instead of 8). jax 0.11 deprecates Pallas' Triton
+backend; until it is removed the launchers below are the only place that names a backend, and
+a failure to lower falls back to "xla" with a warning (common.py).
 
 Forward: grid (D / BD, batch); each program owns BD channels of one sequence and walks the L
 time steps in scan order. The state is N separate (BD,) vectors, so each thread holds all N
@@ -24,14 +24,19 @@ flipped copies are made. Rows are read by indexing Refs (``u_ref[t, :]``): L is 
 bound and need not be a power of two.
 
 Backward: the forward saves the fp32 state every K steps. The backward keeps the forward's
-layout, one channel per thread (32 per warp): per chunk of K steps, last to first, it recomputes
-the K states from the checkpoint into registers (the chunk is unrolled), then runs the adjoint
-recurrence over them. Everything but dB and dC stays inside the thread; those two are sums over
-channels, done per step by a warp reduce-scatter (``_Warp``: 15 shuffle-and-add levels plus one
-for 16 states, instead of 5 per state) and written as one partial per warp; dA, dD and
+layout, one channel per thread (32 per warp): per checkpoint interval of K steps, last to first,
+it walks sub-chunks of ``bwd_chunk`` steps (last first), recomputing each sub-chunk's states
+from the interval's checkpoint into registers, then runs the adjoint recurrence over them.
+Everything but dB and dC stays inside the thread; those two are sums over channels, done per
+step by a warp reduce-scatter (``_Warp``: each halving level keeps the lower half of the
+partial sums and ships the upper half by ``shfl.sync.bfly``; 15 shuffle-and-add steps plus one
+for 16 states, instead of 5 per state). The per-state registers are kept in each lane's state
+order (lane L holds state k ^ order[L]) so no level needs selects; B_t and C_t reach each lane
+by ``shfl.sync.idx`` with a per-lane source. Partials are written one per warp; dA, dD and
 d(delta_bias) per batch element; XLA sums the partials afterwards. This replaced an (N, BD)
 tile backward whose reductions went through shared memory and barriers (1.38 -> 1.10 ms
-forward+backward). No atomics: the gradients are bitwise deterministic.
+forward+backward on an H100; 1.03-1.05 ms with the cap, sub-chunks and series softplus).
+No atomics: the gradients are bitwise deterministic.
 """
 from __future__ import annotations
 
@@ -56,10 +61,14 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, sigmoid, softplu
 # thread, so there are twice the programs to fill the GPU, and rows 4 ahead. Measured on an
 # H100 (docs/benchmarks.md), fp32/bf16 ms: ViM-S b128 (98,304 channels) 0.187/0.194 wide vs
 # 0.271/0.223 narrow; ViM-T b128 (49,152) 0.140/0.123 narrow vs 0.152/0.167 wide.
-# Backward: the checkpoint interval K = ckpt_every is also its unrolled chunk (K = 2 measured
-# 1.5% faster but doubles the checkpoints' memory); bwd_num_warps warps of 32 channels per
-# program. num_stages > 1 asks Triton to software-pipeline the loop's loads (2 and 3 measured no
-# faster).
+# Backward: checkpoints every ckpt_every = K steps, each interval recomputed and walked in
+# sub-chunks of bwd_chunk steps (None: 2 where it divides K, else K) under a bwd_maxnreg register
+# cap (None: ptxas' choice, 255). H100, ViM-S fp32 fwd+bwd ms: K 4 uncapped 1.105-1.145; cap 168
+# + sub-chunks of 2 1.030-1.068 (kept); cap 160 / 176 / 200 with sub-chunks 1.069 / 1.177 /
+# 1.249; sub-chunks of 1 + cap 168 1.155; K 2 + cap 168 1.088. maxnreg caps the forward (128:
+# slower). softplus "series" (common.softplus_series, 2 MUFU ops, no division) or "goldberg".
+# bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
+# software-pipeline the loop's loads (2 and 3 measured no faster).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=2, softplus="series")
@@ -320,7 +329,7 @@ class _Warp:
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
   def shfl_idx(self, x, src):
-    """Every lane gets lane ``src`` (a per-lane int32 vector) of its warp's x (``shfl.sync.idx``)."""
+    """Every lane gets lane ``src`` (a per-lane int32 vector) of its warp's x (shfl.sync.idx)."""
     if self.interpret:
       return x[(jnp.arange(x.shape[0], dtype=jnp.int32) & ~31) + src]
     return pltriton.elementwise_inline_asm(

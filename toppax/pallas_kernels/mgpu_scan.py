@@ -1,19 +1,25 @@
 """The inference forward of the selective scan on Pallas' Mosaic GPU backend (DESIGN §3).
 
-Measured on an H100 (ViM-S shape, fp32, docs/benchmarks.md) this forward runs in 0.165 ms where
-the Triton-lowered forward of ``gpu_scan`` takes 0.198 ms in the same run, so ``gpu_scan.forward``
-hands the inference forward (no checkpoints) here on GPUs of compute capability 9.0 or newer
-(TMA) whenever the shapes suit it: D a multiple of 128 and a row of B/C a multiple of 16 bytes. Training (forward with checkpoints and the
-backward) stays on the Triton kernels. If the kernel does not compile for a signature, the
-Triton forward is used with a logged warning.
+Measured on an H100 (ViM-S shape, fp32, docs/benchmarks.md) this forward ran in 0.165 ms where
+the Triton-lowered forward of ``gpu_scan`` took 0.198 ms in the same run (now 0.146-0.149 ms on
+an H100 and 0.146 ms on an H200), so ``gpu_scan.forward`` hands the inference forward (no
+checkpoints) here on GPUs of compute capability 9.0 or newer (TMA) whenever the shapes suit it:
+D a multiple of 128 and a row of B/C a multiple of 16 bytes. Training (forward with checkpoints
+and the backward) stays on the Triton kernels. If the kernel does not compile for a signature,
+the Triton forward is used with a logged warning.
 
 One warpgroup (128 threads) per (128 channels, batch element), thread = channel: the N states are
 N ``(128,)`` arrays in the ``WG_STRIDED`` layout, so C.h is summed inside the thread. u, delta,
 z, B, C (and gaps) stream through shared memory in chunks of ``chunk`` steps
 (``plgpu.emit_pipeline``, TMA, ``concurrent`` chunks in flight); B_t and C_t are read as
-shared-memory scalars. ``reverse`` walks the chunks and the steps inside them backwards; the
-partial chunk is the last block either way, and TMA clips its out-of-range rows. exp2, log2 and
-division use the approximate PTX instructions (``approx_math``), as the Triton kernels do.
+shared-memory scalars. The per-channel parameters (A log2 e, D, delta_bias: one (N + 2, D)
+block) are copied into a scoped shared-memory buffer once per CTA before the pipeline starts,
+not streamed with the rows: that cut shared memory per CTA from 53 to 35 KB, so 6 CTAs fit on
+an SM instead of 4 and the ViM-S grid is 0.97 waves instead of 1.45 (fp32 0.161 -> 0.146 ms on
+an H100, with softplus by its series). ``reverse`` walks the chunks and the steps inside them
+backwards; the partial chunk is the last block either way, and TMA clips its out-of-range rows.
+exp2, log2 and division use the approximate PTX instructions (``approx_math``), as the Triton
+kernels do.
 
 Not testable on CPU: Pallas' Mosaic GPU interpreter does not run ``emit_pipeline`` (jax 0.10).
 CPU tests check that it lowers for CUDA; the GPU tests (``--run-gpu``) check its values.
@@ -21,6 +27,7 @@ CPU tests check that it lowers for CUDA; the GPU tests (``--run-gpu``) check its
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import jax
@@ -37,11 +44,25 @@ except ImportError:  # pragma: no cover - older/newer layouts
 
 log = logging.getLogger(__name__)
 
+# jax 0.10 takes the index as a required second argument of plgpu.load; jax 0.11 deprecates it
+# (the index goes on the ref). _load passes it only where it is required.
+_LOAD_PARAMS = inspect.signature(plgpu.load).parameters
+_LOAD_TAKES_IDX = "idx" in _LOAD_PARAMS and _LOAD_PARAMS["idx"].default is inspect.Parameter.empty
+
+
+def _load(ref, layout):
+  if _LOAD_TAKES_IDX:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
 LANES = 128
 # Steps per shared-memory chunk (None: 32 bytes of each channel, 8 fp32 or 16 bf16 steps) and
 # chunks in flight, measured on an H100 (docs/benchmarks.md), ViM-S: chunk 4 / 8 / 16 fp32
-# 0.176 / 0.167 / 0.194 ms, bf16 0.194 / 0.180 / 0.173 ms; 3 in flight slower and, at chunk 32,
-# over the shared memory.
+# 0.176 / 0.167 / 0.194 ms, bf16 0.194 / 0.180 / 0.173 ms; after the parameter block moved to
+# its own buffer, fp32 default 0.146-0.149, chunk 4 0.156, chunk 16 0.155, 3 in flight 0.151.
+# At chunk 32 with 3 in flight the shared memory does not suffice. div "rsqrt2" (division as a
+# squared rsqrt) measured no faster than "divide"; softplus "series" 0.154 vs "goldberg" 0.161.
 DEFAULT_TUNING = dict(chunk=None, concurrent=2, div="divide", softplus="series")
 
 
@@ -98,7 +119,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
     def load_params(p_s, bar):
       plgpu.copy_gmem_to_smem(p_g.at[:, cols], p_s, bar)
       plgpu.barrier_wait(bar)
-      return tuple(plgpu.load(p_s.at[i], (), layout=lay) for i in range(n + 2))
+      return tuple(_load(p_s.at[i], lay) for i in range(n + 2))
 
     *a2, d_skip, bias = pl.run_scoped(load_params, plgpu.SMEM((n + 2, LANES), jnp.float32),
                                       plgpu.Barrier(num_arrivals=1))
@@ -120,8 +141,8 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
       def step(s, carry):
         hs, prev = carry
         t = steps - 1 - s if cfg.reverse else s
-        uu = plgpu.load(u_s.at[t], (), layout=lay).astype(jnp.float32)
-        x = plgpu.load(dl_s.at[t], (), layout=lay).astype(jnp.float32) + bias
+        uu = _load(u_s.at[t], lay).astype(jnp.float32)
+        x = _load(dl_s.at[t], lay).astype(jnp.float32) + bias
         dt = softplus(x) if cfg.delta_softplus else x
         dec = dt
         if gap_rule is not None:
@@ -135,7 +156,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
           y = y + c_s[t, i].astype(jnp.float32) * h
           new.append(h)
         if has_z:
-          zz = plgpu.load(z_s.at[t], (), layout=lay).astype(jnp.float32)
+          zz = _load(z_s.at[t], lay).astype(jnp.float32)
           y = y * div(zz, 1.0 + jnp.exp2(zz * -LOG2E))
         y_s[t, :] = y.astype(y_s.dtype)
         return tuple(new), dt
