@@ -21,7 +21,10 @@ backwards; the partial chunk is the last block either way, and TMA clips its out
 exp2, log2 and division use the approximate PTX instructions (``approx_math``), as the Triton
 kernels do.
 
-Not testable on CPU: Pallas' Mosaic GPU interpreter does not run ``emit_pipeline`` (jax 0.10).
+Not testable on CPU: Pallas' discharge interpreter (``interpret=True``) does not run
+``emit_pipeline`` or ``copy_gmem_to_smem``, and jax 0.11's thread-simulating GPU interpreter
+(``plgpu.InterpretGPUParams``) stops at the pipeline's predicated shared-to-global copy
+("predicate not supported", jax 0.11.2).
 CPU tests check that it lowers for CUDA; the GPU tests (``--run-gpu``) check its values.
 """
 from __future__ import annotations
