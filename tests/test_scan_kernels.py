@@ -191,6 +191,20 @@ def test_gradients_across_many_chunks_and_tiles(impl):
     assert _rel(b, a) < 1e-5, k
 
 
+# State sizes other than the 4 used above: N = 1 (a single state; the GPU backward's warp
+# reduce-scatter has nothing to halve) and N = 3 (zero-padded to 4 on the GPU).
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_gradients_at_odd_state_sizes(impl, n):
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(3, 2, 9, 8, n).items()}
+  gaps = jnp.asarray(np.random.default_rng(5).integers(0, 3, (2, 9)))
+  g_ref = _grads("reference", x, gaps, reverse=False, gap_delta="prev", interpret=False)
+  g = _grads(impl, x, gaps, reverse=False, gap_delta="prev", interpret=True)
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert b.shape == a.shape, k
+    assert _rel(b, a) < 1e-5, k
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("length", [101, 125, 157, 197])
@@ -390,3 +404,20 @@ def test_mosaic_forward_on_gpu(dtype, with_z, gap_delta, reverse, softplus):
                         gaps=None if gaps is None else jnp.asarray(gaps),
                         gap_delta=gap_delta or "prev", implementation="pallas_gpu")
   assert _rel(y_op, y) < 1e-6
+
+
+# More than 32 states: the GPU backward splits a warp's states over several vectors per lane
+# (N = 33 pads to 64: two per lane). Interpret mode on CPU needs over 20 GB for that path, so it
+# is checked on the GPU, against jax.grad of the lax.scan reference at "highest" precision.
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [33, 64])
+def test_gpu_gradients_beyond_32_states(n):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU backend")
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(8, 2, 23, 96, n).items()}
+  gaps = jnp.asarray(np.random.default_rng(6).integers(0, 3, (2, 23)))
+  with jax.default_matmul_precision("highest"):
+    g_ref = _grads("reference", x, gaps, reverse=True, gap_delta="prev", interpret=False)
+    g = _grads("pallas_gpu", x, gaps, reverse=True, gap_delta="prev", interpret=False)
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert _rel(b, a) < 1e-5, k
