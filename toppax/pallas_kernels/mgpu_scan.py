@@ -15,11 +15,11 @@ z, B, C (and gaps) stream through shared memory in chunks of ``chunk`` steps
 shared-memory scalars. The per-channel parameters (A log2 e, D, delta_bias: one (N + 2, D)
 block) are copied into a scoped shared-memory buffer once per CTA before the pipeline starts,
 not streamed with the rows: that cut shared memory per CTA from 53 to 35 KB, so 6 CTAs fit on
-an SM instead of 4 and the ViM-S grid is 0.97 waves instead of 1.45 (fp32 0.161 -> 0.146 ms on
-an H100, with softplus by its series). ``reverse`` walks the chunks and the steps inside them
-backwards; the partial chunk is the last block either way, and TMA clips its out-of-range rows.
-exp2, log2 and division use the approximate PTX instructions (``approx_math``), as the Triton
-kernels do.
+an SM instead of 4 and the ViM-S grid is 0.97 waves instead of 1.45 (fp32 on an H100,
+softplus by its series in both: 0.154 -> 0.146-0.149 ms). ``reverse`` walks the chunks and the
+steps inside them backwards; the partial chunk is the last block either way, and TMA clips its
+out-of-range rows. exp2, log2 and division use the approximate PTX instructions
+(``approx_math``), as the Triton kernels do.
 
 Not testable on CPU: Pallas' discharge interpreter (``interpret=True``) does not run
 ``emit_pipeline`` or ``copy_gmem_to_smem``, and jax 0.11's thread-simulating GPU interpreter
@@ -48,7 +48,8 @@ except ImportError:  # pragma: no cover - older/newer layouts
 log = logging.getLogger(__name__)
 
 # jax 0.10 takes the index as a required second argument of plgpu.load; jax 0.11 deprecates it
-# (the index goes on the ref). _load passes it only where it is required.
+# (the index goes on the ref). _load passes it only where it is required; jax 0.11 treats an
+# absent index as () (state.primitives.get_ref_and_transforms), so both lower the same.
 _LOAD_PARAMS = inspect.signature(plgpu.load).parameters
 _LOAD_TAKES_IDX = "idx" in _LOAD_PARAMS and _LOAD_PARAMS["idx"].default is inspect.Parameter.empty
 
