@@ -10,14 +10,20 @@ hides dispatch). "x floor" is time over the HBM floor: the fewest bytes the op m
 (each input read once, each output written once, no saved states) at the measured copy rate.
 Accuracy: relative L2 error against the float64 "reference" run on the same device, forward and
 every gradient, at a smaller batch.
+Breakdown (--breakdown): device time per call of each kernel of the timed implementation, from a
+jax.profiler trace (on a backend without device events, XLA's host thunks), so that where the
+time goes comes from this script too.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 import jax
@@ -82,9 +88,10 @@ def timeit(f, *args, min_rep_s=0.02, reps=7):
   return statistics.median(times) * 1e3
 
 
-def copy_bandwidth():
-  """Device-to-device streaming rate (bytes read + written per second) of a 1 GiB fp32 array."""
-  x = jnp.arange(2**28, dtype=jnp.float32)
+def copy_bandwidth(mib=1024):
+  """Device-to-device streaming rate (bytes read + written per second) of a `mib` MiB fp32
+  array (1 GiB by default: far beyond any cache)."""
+  x = jnp.arange(mib * 2**18, dtype=jnp.float32)
   f = jax.jit(lambda a: a + 1.0)
   ms = timeit(f, x, min_rep_s=0.05)
   return 2 * x.nbytes / (ms * 1e-3)
@@ -122,6 +129,49 @@ def accuracy(impl, dtype, dim, batch=8, length=197, n=16, seed=1, **kw):
   return errs, finite
 
 
+def kernel_breakdown(f, *args, calls=20):
+  """Per-call device time of each kernel f launches: [(name, us per call, launches per call)],
+  longest first, and where the events came from. Read from a jax.profiler trace of `calls`
+  calls after a warm-up: on a GPU the kernels on the device's stream lines; where the trace has
+  no device plane (CPU), the XLA thunks that the host client's threads ran."""
+  jax.block_until_ready(f(*args))
+  logdir = tempfile.mkdtemp(prefix="bench_scan_trace_")
+  with jax.profiler.trace(logdir):
+    for _ in range(calls):
+      out = f(*args)
+    jax.block_until_ready(out)
+  paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+  if not paths:
+    raise RuntimeError(f"jax.profiler wrote no trace under {logdir}")
+  profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
+  planes = list(profile.planes)                  # .planes is a one-pass iterator
+  events, source = [], None
+  for plane in planes:
+    if plane.name.startswith("/device:"):
+      lines = list(plane.lines)
+      streams = [ln for ln in lines if ln.name.startswith("Stream")]
+      ops = [ln for ln in lines if ln.name == "XLA Ops"]
+      for line in streams or ops:      # kernels as launched; else the HLO ops on the device
+        events += [(e.name, e.duration_ns) for e in line.events]
+        source = "device streams" if streams else "device XLA ops"
+  if not events:
+    for plane in planes:
+      if plane.name.startswith("/host:"):
+        for line in plane.lines:
+          if line.name.startswith("tf_XLA") and "Eigen" not in line.name:
+            events += [(e.name, e.duration_ns) for e in line.events  # not the wrappers
+                       if not e.name.startswith(("ThreadpoolListener", "ThunkExecutor",
+                                                 "end: "))]
+            source = "host XLA thunks"
+  total, count = collections.defaultdict(float), collections.Counter()
+  for name, ns in events:
+    total[name] += ns
+    count[name] += 1
+  rows = sorted(((k, total[k] / calls / 1e3, count[k] / calls) for k in total),
+                key=lambda r: -r[1])
+  return rows, source
+
+
 def versions():
   out = {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or
          __import__("jaxlib").__version__, "python": platform.python_version(),
@@ -155,11 +205,12 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
 # The sweeps that chose gpu_scan.DEFAULT_TUNING also tried, for the forward, 32 or 128 channels
 # per warp (one or four per thread), rows 1, 6 or 8 steps ahead, B/C 0 or 2 steps ahead, chunks
 # of 2 or 8 and Triton software pipelining (num_stages 2, 3); for the backward, two warps per
-# program and checkpoints every 2, 3, 6, 8, 16 or 32 steps: none faster beyond noise except
-# every 2 steps, which doubles the checkpoints' memory (docs/benchmarks.md).
+# program, checkpoints every 2, 3, 6, 8, 16 or 32 steps, sub-chunks of 1, 2 or 4 and register
+# caps 160-200 (docs/benchmarks.md). The lists below keep the best few.
 FWD_VARIANTS = [dict(block_d=64, num_warps=1, fwd_chunk=4, rows_ahead=r, bc_ahead=1)
                 for r in (2, 4)]
-BWD_VARIANTS = [dict(ckpt_every=k, bwd_num_warps=w) for k, w in [(4, 1), (3, 1), (4, 2)]]
+BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
+                for k, c, r in [(4, 2, 168), (4, 2, 160), (2, 2, 168), (4, 4, None)]]
 
 
 def main(argv=None):
@@ -174,6 +225,10 @@ def main(argv=None):
   p.add_argument("--sweep", action="store_true", help="time tuning variants first, use the best")
   p.add_argument("--slow-shapes", default=",".join(SHAPES),
                  help="shapes at which to time the reference (lax.scan) forward+backward")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also record each kernel's device time per call (jax.profiler trace)")
+  p.add_argument("--copy-mib", type=int, default=1024,
+                 help="size of the array whose device-to-device copy sets the HBM floor")
   p.add_argument("--profile-once", action="store_true",
                  help="run the kernels once at the first shape and dtype (for ncu), then exit")
   a = p.parse_args(argv)
@@ -189,10 +244,10 @@ def main(argv=None):
     return
   info = versions()
   print(json.dumps(info), flush=True)
-  bw = copy_bandwidth()
+  bw = copy_bandwidth(a.copy_mib)
   print(f"device-to-device copy: {bw / 1e9:.0f} GB/s", flush=True)
   result = dict(versions=info, copy_GBps=bw / 1e9, batch=a.batch, length=a.length, n=n,
-                impl=a.impl, rows=[], accuracy={}, sweep={})
+                impl=a.impl, rows=[], accuracy={}, sweep={}, breakdown={})
 
   tuning = None
   if a.sweep and a.impl == "pallas_gpu":
@@ -209,8 +264,9 @@ def main(argv=None):
 
   for dname in a.dtypes.split(","):
     dtype = jnp.dtype(dname)
-    for impl in ("xla", a.impl):
-      errs, finite = accuracy(impl, dtype, SHAPES["ViM-S"], **(kw if impl == a.impl else {}))
+    for impl in dict.fromkeys(("xla", a.impl)):
+      errs, finite = accuracy(impl, dtype, SHAPES["ViM-S"], batch=min(8, a.batch),
+                              length=a.length, **(kw if impl == a.impl else {}))
       result["accuracy"][f"{impl}/{dname}"] = dict(errors=errs, finite=finite)
       print(f"accuracy {impl} {dname} (ViM-S shape, batch 8, vs float64 lax.scan): "
             f"max rel {max(errs.values()):.2e} finite={finite} "
@@ -227,7 +283,7 @@ def main(argv=None):
         base = None
         nbytes = floor_bytes(a.batch, a.length, dim, n, dtype, mode)
         floor_ms = nbytes / bw * 1e3
-        for impl in ("xla", "reference", a.impl):
+        for impl in dict.fromkeys(("xla", "reference", a.impl)):
           if impl == "reference" and mode == "fwd+bwd" and shape not in a.slow_shapes.split(","):
             continue
           f = scan_fn(impl, **(kw if impl == a.impl else {}))
@@ -247,6 +303,19 @@ def main(argv=None):
           print(f"{shape:6s} {dname:8s} {mode:7s} {impl:10s} {ms:8.3f} ms  "
                 f"{row['GBps']:7.0f} GB/s  {row['x_floor']:6.2f}x floor  "
                 f"{(base / ms) if base else float('nan'):6.1f}x vs assoc", flush=True)
+        if a.breakdown:
+          fn = scan_fn(a.impl, **kw)
+          try:
+            rows, source = (kernel_breakdown(jax.jit(fn), *args) if mode == "fwd" else
+                            kernel_breakdown(jax.jit(fwd_bwd(fn)), args, ct))
+          except Exception as e:
+            print(f"{shape} {dname} {mode} breakdown failed: {type(e).__name__}: {e}", flush=True)
+            continue
+          result["breakdown"][f"{shape}/{dname}/{mode}"] = dict(source=source, kernels=[
+              dict(name=k, us_per_call=us, launches_per_call=c) for k, us, c in rows])
+          write(a.out, result)
+          print(f"  {a.impl} {mode} kernels ({source}): " + ", ".join(
+              f"{k} {us:.1f} us" for k, us, _ in rows[:6]), flush=True)
 
   print(write(a.out, result))
 
@@ -280,6 +349,18 @@ def markdown(r):
     e = acc["errors"]
     lines.append(f"| {name} | " + " | ".join(f"{e[k]:.1e}" for k in ["y"] + ["d" + k for k in KEYS])
                  + " |")
+  for key, b in r.get("breakdown", {}).items():
+    total = sum(k["us_per_call"] for k in b["kernels"])
+    lines += ["", f"Kernels of {r['impl']}, {key} ({b['source']}; {total:.1f} us per call in all):",
+              "", "| kernel | us per call | share | launches per call |", "|---|---:|---:|---:|"]
+    shown, rest = b["kernels"][:12], b["kernels"][12:]
+    for k in shown:
+      lines.append(f"| `{k['name'][:80]}` | {k['us_per_call']:.1f} | "
+                   f"{k['us_per_call'] / max(total, 1e-9):.1%} | {k['launches_per_call']:.3g} |")
+    if rest:
+      us = sum(k["us_per_call"] for k in rest)
+      lines.append(f"| {len(rest)} others | {us:.1f} | {us / max(total, 1e-9):.1%} | "
+                   f"{sum(k['launches_per_call'] for k in rest):.3g} |")
   return "\n".join(lines) + "\n"
 
 
