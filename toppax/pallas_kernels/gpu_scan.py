@@ -683,10 +683,6 @@ def backward(cfg, args, ckpt, dy):
   dz = outs.pop(0) if cfg.has_z else None
   dB_p, dC_p, dA_p, dD_p, dbias_p = (outs.pop(0) for _ in range(5))
   dbias = dbias_p.sum(0)
-  if cfg.tune("partial_sum", "reduce") == "add":
-    part_sum = lambda p: functools.reduce(jnp.add, [p[i] for i in range(p.shape[0])])
-  else:
-    part_sum = lambda p: p.sum(0)
   if cfg.gap_delta == "bias":
     dtilde = outs.pop(0).sum(0)
     bias = args.delta_bias.astype(f32)
@@ -694,8 +690,8 @@ def backward(cfg, args, ckpt, dy):
   return ScanArgs(
       u=du, delta=ddelta,
       A=dA_p.sum(0).T[:, :n_orig].astype(args.A.dtype),
-      B=part_sum(dB_p)[..., :n_orig].astype(args.B.dtype),
-      C=part_sum(dC_p)[..., :n_orig].astype(args.C.dtype),
+      B=dB_p.sum(0)[..., :n_orig].astype(args.B.dtype),
+      C=dC_p.sum(0)[..., :n_orig].astype(args.C.dtype),
       D=dD_p.sum(0).astype(args.D.dtype), z=dz,
       delta_bias=dbias.astype(args.delta_bias.dtype),
       gaps=None if args.gaps is None else jnp.zeros_like(args.gaps))

@@ -65,9 +65,10 @@ LANES = 128
 # chunks in flight, measured on an H100 (docs/benchmarks.md), ViM-S: chunk 4 / 8 / 16 fp32
 # 0.176 / 0.167 / 0.194 ms, bf16 0.194 / 0.180 / 0.173 ms; after the parameter block moved to
 # its own buffer, fp32 default 0.146-0.149, chunk 4 0.156, chunk 16 0.155, 3 in flight 0.151.
-# At chunk 32 with 3 in flight the shared memory does not suffice. div "rsqrt2" (division as a
-# squared rsqrt) measured no faster than "divide"; softplus "series" 0.154 vs "goldberg" 0.161.
-DEFAULT_TUNING = dict(chunk=None, concurrent=2, div="divide", softplus="series")
+# At chunk 32 with 3 in flight the shared memory does not suffice. Division as a squared rsqrt
+# (one MUFU op; tried, then removed) measured no faster; softplus "series" 0.154 vs "goldberg"
+# 0.161.
+DEFAULT_TUNING = dict(chunk=None, concurrent=2, softplus="series")
 
 
 def supports(args) -> bool:
@@ -91,15 +92,6 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
   params = jnp.concatenate([(args.A.astype(jnp.float32) * LOG2E).T,
                             args.D.astype(jnp.float32)[None],
                             args.delta_bias.astype(jnp.float32)[None]])
-  if cfg.tune("mosaic_div", DEFAULT_TUNING["div"]) == "rsqrt2":
-    # x / y as x rsqrt(y)^2 (y > 0 wherever it is used): one rsqrt.approx MUFU op and two
-    # multiplies instead of the IEEE division Mosaic GPU emits for "/" (approx_math covers
-    # exp2/log2/rsqrt, not division).
-    def div(x, y):
-      r = jax.lax.rsqrt(y)
-      return x * (r * r)
-  else:
-    div = jnp.divide
   lay = plgpu.Layout.WG_STRIDED((LANES,), vec_size=1)
   n_chunks = pl.cdiv(length, chunk)
   block = (lambda c: n_chunks - 1 - c) if cfg.reverse else (lambda c: c)
@@ -128,7 +120,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
     *a2, d_skip, bias = pl.run_scoped(load_params, plgpu.SMEM((n + 2, LANES), jnp.float32),
                                       plgpu.Barrier(num_arrivals=1))
     softplus = (softplus_series if cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series" else
-                functools.partial(softplus_from_exp2, div=div))
+                softplus_from_exp2)
     tilde = None
     if gap_rule == "bias":
       tilde = softplus(bias) if cfg.delta_softplus else bias
@@ -161,7 +153,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
           new.append(h)
         if has_z:
           zz = _load(z_s.at[t], lay).astype(jnp.float32)
-          y = y * div(zz, 1.0 + jnp.exp2(zz * -LOG2E))
+          y = y * (zz / (1.0 + jnp.exp2(zz * -LOG2E)))
         y_s[t, :] = y.astype(y_s.dtype)
         return tuple(new), dt
 
