@@ -116,6 +116,25 @@ def test_implementations_agree_on_gradients():
     assert _rel(b, a) < 1e-5, k
 
 
+def test_associative_scan_lengths_avoid_empty_levels():
+  # reference.zero_free_length: lax.associative_scan's halving recursion never reaches a level of
+  # 2 elements (which combines empty slices; jaxlib 0.11's SPMD partitioner crashes on them under
+  # shard_map, tests/test_sharding.py), and it is the smallest such length. The padded lengths
+  # (5, 33 above) are checked against the oracle and by finite differences there.
+  from toppax.ssm.reference import zero_free_length
+
+  def levels(n):
+    while n >= 2:
+      yield n
+      n //= 2
+
+  for n in range(0, 1100):
+    m = zero_free_length(n)
+    assert m >= n and 2 not in levels(m), n
+    assert all(2 in levels(k) for k in range(n, m)), n
+  assert [zero_free_length(n) for n in (8, 9, 157, 197, 256)] == [12, 12, 192, 197, 384]
+
+
 def test_errors_are_clear():
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(1, 1, 4, 3, 2).items()}
   with pytest.raises(ValueError, match="unknown selective_scan implementation 'cuda'.*xla"):

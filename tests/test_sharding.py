@@ -103,3 +103,55 @@ def test_kernels_run_per_shard_with_summed_parameter_gradients():
           if l.startswith("RESULT ")}
   assert set(errs) == {"pallas_gpu", "pallas_tpu"}
   assert all(e < 1e-5 for e in errs.values()), errs
+
+
+SCAN_SCRIPT = textwrap.dedent("""
+  import json
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import PartitionSpec as P
+  from toppax import sharding
+  from toppax.ssm import selective_scan
+  from tests import scan_utils
+
+  mesh = sharding.make_mesh(2)
+  out = {}
+  for length, reverse in ((9, False), (8, True), (157, False)):
+    x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(4, 4, length, 6, 3).items()}
+
+    def scan(u, A, delta, B, C, z):
+      return selective_scan(u, delta, A, B, C, x["D"], z, x["delta_bias"], reverse=reverse,
+                            implementation="xla")
+
+    def loss(u, A, sharded):
+      args = (u, A, x["delta"], x["B"], x["C"], x["z"])
+      if sharded:   # the batch split over the mesh, A replicated
+        d = P(sharding.DATA_AXIS)
+        y = jax.shard_map(scan, mesh=mesh, in_specs=(d, P(), d, d, d, d), out_specs=d,
+                          check_vma=False)(*args)
+      else:
+        y = scan(*args)
+      return jnp.sum(jnp.sin(y))
+
+    g1 = jax.jit(jax.grad(lambda u, A: loss(u, A, False), argnums=(0, 1)))(x["u"], x["A"])
+    g2 = jax.jit(jax.grad(lambda u, A: loss(u, A, True), argnums=(0, 1)))(x["u"], x["A"])
+    out[f"{length}/{reverse}"] = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                  for a, b in zip(g1, g2)]
+  print("RESULT " + json.dumps(out))
+""")
+
+
+def test_xla_scan_gradient_under_shard_map():
+  # The "xla" scan's gradient inside shard_map on 2 host devices, at lengths where
+  # lax.associative_scan would make empty arrays (9, 8, 157: see reference.zero_free_length).
+  # jaxlib 0.11.2's SPMD partitioner segfaulted on those before the padding.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", SCAN_SCRIPT], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+  line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+  diffs = json.loads(line[len("RESULT "):])
+  assert len(diffs) == 3
+  for case, (du, da) in diffs.items():
+    assert du < 1e-5 and da < 1e-4, (case, du, da)

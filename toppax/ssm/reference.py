@@ -37,11 +37,32 @@ def scan_reference(u, delta, A, B, C, delta_gap=None, *, reverse=False):
   return jnp.swapaxes(ys, 0, 1)
 
 
+def zero_free_length(n: int) -> int:
+  """The smallest length >= n at which ``lax.associative_scan`` makes no zero-sized arrays.
+
+  Its odd/even recursion halves the length level by level (n, n // 2, n // 4, ...), and a level
+  of exactly 2 elements combines two empty slices: that happens when n's two leading bits are
+  ``10`` (n = 8, 9, 157, ...). jaxlib 0.11's SPMD partitioner crashes (segfault) on such empty
+  arrays when they are residuals saved across a ``shard_map`` (toppax.sharding.apply_model), so
+  ``scan_associative`` pads those lengths up to the next length with leading bits ``11``
+  (at most 1.5x, and none at ViM's L = 197).
+  """
+  if n < 2:
+    return n
+  k = n.bit_length()
+  return n if (n >> (k - 2)) == 0b11 else 3 << (k - 2)
+
+
 def scan_associative(u, delta, A, B, C, delta_gap=None, *, reverse=False):
   """Same recurrence as ``scan_reference`` as a parallel prefix over (decay, input) pairs."""
   decay = delta if delta_gap is None else delta + delta_gap
   a = jnp.exp(decay[..., None] * A)                              # (batch, L, D, N)
   b = (delta * u)[..., None] * B[:, :, None, :]                  # (batch, L, D, N)
+  length = a.shape[1]
+  pad = zero_free_length(length) - length
+  if pad:   # identity pairs (1, 0) after the end: no effect on any h_t in either direction
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    a, b = jnp.pad(a, widths, constant_values=1), jnp.pad(b, widths)
 
   def combine(left, right):
     a_l, b_l = left
@@ -49,7 +70,7 @@ def scan_associative(u, delta, A, B, C, delta_gap=None, *, reverse=False):
     return a_l * a_r, a_r * b_l + b_r
 
   _, h = jax.lax.associative_scan(combine, (a, b), axis=1, reverse=reverse)
-  return jnp.einsum("bldn,bln->bld", h, C, precision="highest")
+  return jnp.einsum("bldn,bln->bld", h[:, :length], C, precision="highest")
 
 
 def masked_full_scan(u, delta, A, B, C, keep, gap_delta, *, reverse=False):
