@@ -1,4 +1,5 @@
-"""Data parallel: one train step on 8 forced host devices == the same step on one device.
+"""Data parallel on forced host devices: one train step on 8 == the same step on one; the kernels
+and the xla scan per shard under shard_map.
 
 XLA_FLAGS must be set before jax initialises, so the comparison runs in a subprocess.
 """
@@ -9,6 +10,19 @@ import sys
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_on_host_devices(script, devices):
+  """Runs `script` in a fresh Python on `devices` forced CPU devices (XLA_FLAGS must be set
+  before jax initialises); returns its stdout, failing with its stderr if it did not exit 0."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+  return proc.stdout
+
 
 SCRIPT = textwrap.dedent("""
   import json
@@ -47,13 +61,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_eight_device_step_matches_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+  line = next(l for l in _run_on_host_devices(SCRIPT, 8).splitlines() if l.startswith("RESULT "))
   r = json.loads(line[len("RESULT "):])
   assert r["devices"] == 8
   assert (r["shards_1"], r["shard_rows_1"]) == (1, 32)
@@ -93,13 +101,8 @@ KERNEL_SCRIPT = textwrap.dedent("""
 def test_kernels_run_per_shard_with_summed_parameter_gradients():
   # The data-parallel step runs the model under shard_map (toppax.sharding.apply_model) so that
   # the kernels' custom calls see only their shard; dA (a replicated input) must be summed.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  errs = {l.split()[1]: float(l.split()[2]) for l in proc.stdout.splitlines()
+  out = _run_on_host_devices(KERNEL_SCRIPT, 2)
+  errs = {l.split()[1]: float(l.split()[2]) for l in out.splitlines()
           if l.startswith("RESULT ")}
   assert set(errs) == {"pallas_gpu", "pallas_tpu"}
   assert all(e < 1e-5 for e in errs.values()), errs
@@ -144,13 +147,8 @@ def test_xla_scan_gradient_under_shard_map():
   # The "xla" scan's gradient inside shard_map on 2 host devices, at lengths where
   # lax.associative_scan would make empty arrays (9, 8, 157: see reference.zero_free_length).
   # jaxlib 0.11.2's SPMD partitioner segfaulted on those before the padding.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", SCAN_SCRIPT], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
-  line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+  out = _run_on_host_devices(SCAN_SCRIPT, 2)
+  line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
   diffs = json.loads(line[len("RESULT "):])
   assert len(diffs) == 3
   for case, (du, da) in diffs.items():
