@@ -135,15 +135,15 @@ def kernel_breakdown(f, *args, calls=20):
   calls after a warm-up: on a GPU the kernels on the device's stream lines; where the trace has
   no device plane (CPU), the XLA thunks that the host client's threads ran."""
   jax.block_until_ready(f(*args))
-  logdir = tempfile.mkdtemp(prefix="bench_scan_trace_")
-  with jax.profiler.trace(logdir):
-    for _ in range(calls):
-      out = f(*args)
-    jax.block_until_ready(out)
-  paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-  if not paths:
-    raise RuntimeError(f"jax.profiler wrote no trace under {logdir}")
-  profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
+  with tempfile.TemporaryDirectory(prefix="bench_scan_trace_") as logdir:
+    with jax.profiler.trace(logdir):
+      for _ in range(calls):
+        out = f(*args)
+      jax.block_until_ready(out)
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+      raise RuntimeError(f"jax.profiler wrote no trace under {logdir}")
+    profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
   planes = list(profile.planes)                  # .planes is a one-pass iterator
   events, source = [], None
   for plane in planes:
@@ -249,7 +249,8 @@ def main(argv=None):
   bw = copy_bandwidth(a.copy_mib)
   print(f"device-to-device copy: {bw / 1e9:.0f} GB/s", flush=True)
   result = dict(versions=info, copy_GBps=bw / 1e9, batch=a.batch, length=a.length, n=n,
-                impl=a.impl, rows=[], accuracy={}, sweep={}, breakdown={})
+                impl=a.impl, rows=[], accuracy={}, accuracy_batch=min(8, a.batch), sweep={},
+                breakdown={})
 
   tuning = None
   if a.sweep and a.impl == "pallas_gpu":
@@ -267,10 +268,11 @@ def main(argv=None):
   for dname in a.dtypes.split(","):
     dtype = jnp.dtype(dname)
     for impl in dict.fromkeys(("xla", a.impl)):
-      errs, finite = accuracy(impl, dtype, SHAPES["ViM-S"], batch=min(8, a.batch),
+      errs, finite = accuracy(impl, dtype, SHAPES["ViM-S"], batch=result["accuracy_batch"],
                               length=a.length, **(kw if impl == a.impl else {}))
       result["accuracy"][f"{impl}/{dname}"] = dict(errors=errs, finite=finite)
-      print(f"accuracy {impl} {dname} (ViM-S shape, batch 8, vs float64 lax.scan): "
+      print(f"accuracy {impl} {dname} (ViM-S shape, batch {result['accuracy_batch']}, "
+            "vs float64 lax.scan): "
             f"max rel {max(errs.values()):.2e} finite={finite} "
             + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 
@@ -344,7 +346,8 @@ def markdown(r):
     sp = "" if w["speedup_vs_assoc"] is None else f"{w['speedup_vs_assoc']:.1f}"
     lines.append(f"| {w['shape']} (D={w['D']}) | {w['dtype']} | {w['mode']} | {w['impl']} | "
                  f"{w['ms']:.3f} | {w['GBps']:.0f} | {w['x_floor']:.2f} | {sp} |")
-  lines += ["", "Accuracy (ViM-S shape, batch 8, relative L2 error vs float64 lax.scan):", "",
+  lines += ["", f"Accuracy (ViM-S shape, batch {r.get('accuracy_batch', 8)}, relative L2 error "
+            "vs float64 lax.scan):", "",
             "| impl/dtype | y | " + " | ".join("d" + k for k in KEYS) + " |",
             "|---|" + "---:|" * (len(KEYS) + 1)]
   for name, acc in r["accuracy"].items():
