@@ -11,11 +11,13 @@ import logging
 
 import jax
 from jax import export
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import toppax.pallas_kernels  # noqa: F401  registers pallas_gpu / pallas_tpu
+from toppax.pallas_kernels import gpu_scan
 from toppax.ssm import default_implementation, ops, selective_scan
 from tests import scan_utils
 
@@ -147,7 +149,7 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # goes whole); softplus by its log1p series (common.softplus_series).
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
-                                    dict(bwd_num_warps=2, ckpt_every=3),
+                                    dict(gpu_scan.DEFAULT_TUNING, bwd_num_warps=2, ckpt_every=3),
                                     dict(ckpt_every=4, bwd_chunk=2, bwd_maxnreg=168,
                                          softplus="series"),
                                     dict(ckpt_every=3, bwd_chunk=1)])
@@ -252,7 +254,7 @@ def test_kernel_that_cannot_run_falls_back_to_xla_with_warning(caplog):
 
 
 def test_compile_failure_falls_back_to_xla(caplog, monkeypatch):
-  from toppax.pallas_kernels import common, gpu_scan
+  from toppax.pallas_kernels import common
 
   def broken(*a, **k):
     raise RuntimeError("planted lowering failure")
@@ -324,7 +326,6 @@ _CUDA_DISABLED = [export.DisabledSafetyCheck.custom_call(t)
 def test_register_cap_reaches_the_triton_module():
   # gpu_scan._RegisterCap: the cap rides in the kernel's name and lands as the module attribute
   # ttg.maxnreg in the Triton IR that XLA compiles (Triton turns it into PTX .maxnreg).
-  from toppax.pallas_kernels import gpu_scan
   case = (jnp.float32, 16, True, "prev", False, 2)
   tuning = dict(gpu_scan.DEFAULT_TUNING, bwd_maxnreg=168, maxnreg=200, bwd_chunk=2)
   text = _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case, tuning=tuning)
@@ -339,6 +340,50 @@ def test_register_cap_reaches_the_triton_module():
     with pytest.raises(ValueError, match="maxnreg|bwd_chunk"):
       _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
                    tuning=dict(gpu_scan.DEFAULT_TUNING, **bad))
+
+
+def test_gpu_kernels_lower_under_checked_shard_map():
+  # jax.shard_map checks varying axes by default (check_vma=True): the kernels' outputs must be
+  # typed as varying over the mesh (common.out_types), and A, a replicated input, gets its
+  # gradient summed over the mesh (an all-reduce). Both GPU kernels: the Triton forward and
+  # backward under the gradient, the Mosaic GPU inference forward on its own.
+  from toppax.pallas_kernels import common, mgpu_scan
+  fn = ops._REGISTRY["pallas_gpu"]()
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((2,), ("data",), abstract_device=device)
+  d, rep = P("data"), P()
+
+  def scan(u, A, B, C):
+    return fn(u, u, A, B, C, None, None, None, delta_softplus=True, reverse=False, gaps=None,
+              gap_delta="prev", interpret=False, check_lowering=False)
+
+  def grad(u, A, B, C):
+    loss = lambda *a: jnp.sum(jax.shard_map(scan, mesh=mesh, in_specs=(d, rep, d, d),
+                                            out_specs=d, check_vma=True)(*a))
+    return jax.value_and_grad(loss, argnums=(0, 1))(u, A, B, C)
+
+  def mosaic(u, A, B, C):
+    cfg = common.ScanConfig(backend="gpu", delta_softplus=True, reverse=False, gap_delta=None,
+                            has_z=False, interpret=False)
+    zeros = jnp.zeros((u.shape[-1],), jnp.float32)
+    args = common.varying_like(common.ScanArgs(u, u, A, B, C, zeros, None, zeros, None))
+    return mgpu_scan.forward(cfg, args)
+
+  S, named = jax.ShapeDtypeStruct, jax.sharding.NamedSharding
+  b, length, dim, n = 4, 197, 256, 16
+  args = [S((b, length, dim), jnp.float32, sharding=named(mesh, d)),
+          S((dim, n), jnp.float32, sharding=named(mesh, rep)),
+          S((b, length, n), jnp.float32, sharding=named(mesh, d)),
+          S((b, length, n), jnp.float32, sharding=named(mesh, d))]
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=_CUDA_DISABLED)(
+        *args).mlir_module()
+    assert "selective_scan_fwd" in text and "selective_scan_bwd" in text
+    assert "all_reduce" in text or "all-reduce" in text
+    sharded = jax.shard_map(mosaic, mesh=mesh, in_specs=(d, rep, d, d), out_specs=d,
+                            check_vma=True)
+    text = export.export(jax.jit(sharded), platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)

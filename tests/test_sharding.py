@@ -153,3 +153,53 @@ def test_xla_scan_gradient_under_shard_map():
   assert len(diffs) == 3
   for case, (du, da) in diffs.items():
     assert du < 1e-5 and da < 1e-4, (case, du, da)
+
+
+VMA_SCRIPT = textwrap.dedent("""
+  import json
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import PartitionSpec as P
+  from toppax import sharding
+  from toppax.ssm import selective_scan
+  from tests import scan_utils
+
+  mesh = sharding.make_mesh(2)
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 4, 7, 6, 3).items()}
+  gaps = jnp.asarray(np.random.default_rng(0).integers(0, 3, (4, 7)), jnp.int32)
+  out = {}
+  for impl in ("reference", "xla", "pallas_tpu"):
+    def scan(u, delta, B, C, z, gaps, A, D, bias):
+      return selective_scan(u, delta, A, B, C, D, z, bias, reverse=True, gaps=gaps,
+                            implementation=impl, interpret=impl.startswith("pallas"))
+
+    def loss(A, D, bias, u, sharded):
+      args = (u, x["delta"], x["B"], x["C"], x["z"], gaps, A, D, bias)
+      if sharded:   # the batch split over the mesh, the parameters replicated; vma checked
+        d = P(sharding.DATA_AXIS)
+        y = jax.shard_map(scan, mesh=mesh, in_specs=(d,) * 6 + (P(),) * 3, out_specs=d,
+                          check_vma=True)(*args)
+      else:
+        y = scan(*args)
+      return jnp.sum(jnp.sin(y))
+
+    params = (x["A"], x["D"], x["delta_bias"], x["u"])
+    g1 = jax.jit(jax.grad(lambda *p: loss(*p, False), argnums=(0, 1, 2, 3)))(*params)
+    g2 = jax.jit(jax.grad(lambda *p: loss(*p, True), argnums=(0, 1, 2, 3)))(*params)
+    out[impl] = [float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max())
+                 for a, b in zip(g1, g2)]
+  print("RESULT " + json.dumps(out))
+""")
+
+
+def test_scan_under_shard_map_with_checked_varying_axes():
+  # jax.shard_map's default check_vma=True: the lax.scan carry and the kernels' outputs must
+  # be typed as varying over the mesh, and the replicated parameters' gradients (A, D,
+  # delta_bias) summed over it. The Triton-style GPU kernel cannot run here: jax's Pallas
+  # interpreter itself fails on its dynamic Ref indexing under check_vma; its CUDA lowering
+  # under check_vma is tested in test_scan_kernels.py.
+  out = _run_on_host_devices(VMA_SCRIPT, 2)
+  line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+  errs = json.loads(line[len("RESULT "):])
+  assert set(errs) == {"reference", "xla", "pallas_tpu"}
+  for impl, rel in errs.items():
+    assert max(rel) < 1e-5, (impl, rel)

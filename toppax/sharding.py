@@ -56,11 +56,16 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch(global_batch: int, mesh) -> None:
+def check_batch(global_batch: int, mesh, name: str = "batch size") -> None:
+  """Raises unless ``global_batch`` is a positive multiple of the mesh's devices; ``name`` is the
+  config field to name in the message (e.g. "config.eval_batch_size")."""
   n = mesh.devices.size
+  if global_batch < 1:
+    raise ValueError(f"{name} must be a positive integer, got {global_batch!r}")
   if global_batch % n:
-    raise ValueError(f"batch size {global_batch} is not divisible by the {n} devices of the "
-                     f"mesh: use a multiple of {n}")
+    lo = max(n, global_batch // n * n)
+    raise ValueError(f"{name}={global_batch} is not divisible by the {n} devices of the mesh: "
+                     f"set {name} to a multiple of {n} (e.g. {lo} or {lo + n})")
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -83,8 +88,10 @@ def apply_model(graphdef, params, rngs, images, mesh):
   state replicated, images and logits split). The Pallas scan kernels are custom calls that
   XLA's SPMD partitioner cannot split: left to GSPMD, it all-gathers their operands and every
   device scans the whole global batch (measured on 2 x H200 before this: 1.05-1.09x for 2
-  GPUs). ``check_vma=False`` because pallas_call outputs carry no varying-axes type; the
-  gradients of the replicated inputs are still summed over the mesh (tests/test_sharding.py).
+  GPUs). The kernels accept ``check_vma=True`` (pallas_kernels.common.varying_like); this
+  shard_map keeps ``check_vma=False`` because Pallas' interpret mode (the CPU tests of the GPU
+  kernel under it) fails on dynamic Ref indexing under that check. The gradients of the
+  replicated inputs are summed over the mesh either way (tests/test_sharding.py).
   Each shard folds its index into the model's RNG keys (drop-path masks differ per shard); the
   state returned keeps the original keys with the advanced counters, identical on all shards.
   """

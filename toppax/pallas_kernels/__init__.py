@@ -1,7 +1,8 @@
 """Pallas kernels for the selective scan (DESIGN §3), registered with ``toppax.ssm.ops``.
 
-``"pallas_gpu"``: Triton-lowered Pallas kernels (``gpu_scan``); ``"pallas_tpu"``: Mosaic TPU
-kernels (``tpu_scan``). Both run anywhere with ``interpret=True``; on their own backend a kernel
+``"pallas_gpu"``: Triton-lowered Pallas training kernels (``gpu_scan``) and, on sm_90+ GPUs, the
+Mosaic GPU inference forward (``mgpu_scan``); ``"pallas_tpu"``: Mosaic TPU kernels
+(``tpu_scan``). Both run anywhere with ``interpret=True``; on their own backend a kernel
 that fails to lower or compile falls back to ``"xla"`` with a warning (``common.make_impl``).
 Importing this module only registers loaders: Pallas itself is imported on first use.
 """

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from toppax.ssm import ops
+from toppax.ssm import ops, reference
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,27 @@ def prepare(u, delta, A, B, C, D, z, delta_bias, gaps):
   return ScanArgs(u, delta, A, B, C, D, z, delta_bias, gaps)
 
 
+def varying_like(args):
+  """Inside a ``shard_map`` with ``check_vma=True``: every argument made to vary over every mesh
+  axis any of them varies over, so that the kernels' outputs (and the custom_vjp's cotangents)
+  have one type; a replicated input's cotangent is summed over the axes by ``pcast``'s transpose.
+  Elsewhere the arguments are returned as they are."""
+  axes = reference.varying_axes(*args)
+  if not axes:
+    return args
+  return ScanArgs(*(None if x is None else reference.vary(x, axes) for x in args))
+
+
+def out_types(structs, args):
+  """The types of a kernel's outputs: ``structs`` varying over the mesh axes of ``args``
+  (aligned by ``varying_like``), which ``pallas_call`` needs under ``check_vma=True``."""
+  axes = reference.varying_axes(*args)
+  if not axes:
+    return structs
+  mat = jax.sharding.ManualAxisType(varying=axes)
+  return [jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat) for s in structs]
+
+
 def _spec(x):
   return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
 
@@ -136,7 +157,7 @@ def make_impl(backend: str, native_platforms: tuple[str, ...], default_tuning=()
         return ops._REGISTRY["xla"]()(u, delta, A, B, C, D, z, delta_bias,
                                       delta_softplus=delta_softplus, reverse=reverse, gaps=gaps,
                                       gap_delta=gap_delta, interpret=False)
-    return _scan(cfg, args)
+    return _scan(cfg, varying_like(args))
 
   return impl
 

@@ -35,7 +35,7 @@ order (lane L holds state k ^ order[L]) so no level needs selects; B_t and C_t r
 by ``shfl.sync.idx`` with a per-lane source. Partials are written one per warp; dA, dD and
 d(delta_bias) per batch element; XLA sums the partials afterwards. This replaced an (N, BD)
 tile backward whose reductions went through shared memory and barriers (1.38 -> 1.10 ms
-forward+backward on an H100; 1.03-1.05 ms with the cap, sub-chunks and series softplus).
+forward+backward on an H100; 1.030-1.068 ms with the cap, sub-chunks and series softplus).
 No atomics: the gradients are bitwise deterministic.
 """
 from __future__ import annotations
@@ -50,8 +50,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, sigmoid, softplus_from_exp2,
-                                          softplus_series)
+from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmoid,
+                                          softplus_from_exp2, softplus_series)
 
 # Forward: block_d channels per program over num_warps warps, rows loaded rows_ahead steps and
 # B, C scalars bc_ahead steps before use, chunks of fwd_chunk (inference) or ckpt_every
@@ -71,7 +71,8 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, sigmoid, softplu
 # software-pipeline the loop's loads (2 and 3 measured no faster).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
-                      maxnreg=None, bwd_maxnreg=168, bwd_chunk=2, softplus="series")
+                      maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series")
+BWD_SUB_CHUNK = 2                       # bwd_chunk None: this where it divides ckpt_every
 WIDE_CHANNELS = 65536
 
 log = logging.getLogger(__name__)
@@ -604,7 +605,8 @@ def forward(cfg, args, save):
   kernel = functools.partial(_fwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
                              chunk=chunk, save=save, rows_ahead=rows_ahead)
   outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_types(out_shape, args),
       interpret=cfg.interpret,
       name=_RegisterCap.name("selective_scan_fwd", cfg.tune("maxnreg", DEFAULT_TUNING["maxnreg"])),
       compiler_params=_CompilerParams(num_warps=cfg.tune("num_warps",
@@ -655,19 +657,19 @@ def backward(cfg, args, ckpt, dy):
   out_specs += [part_vec] * n_vec
 
   elems = batch * length * dim * n
-  sub = cfg.tune("bwd_chunk", None)
+  sub = cfg.tune("bwd_chunk", DEFAULT_TUNING["bwd_chunk"])
   if sub is None:
     # The default sub-chunk applies where it divides the checkpoint interval; an
     # interval it does not divide (a user's ckpt_every=3) is processed whole.
-    sub = DEFAULT_TUNING["bwd_chunk"] or chunk
-    sub = sub if chunk % sub == 0 else chunk
+    sub = BWD_SUB_CHUNK if chunk % BWD_SUB_CHUNK == 0 else chunk
   if not (isinstance(sub, int) and not isinstance(sub, bool) and 0 < sub <= chunk
           and chunk % sub == 0):
     raise ValueError(f"tuning bwd_chunk must divide ckpt_every = {chunk}, got {sub!r}")
   kernel = functools.partial(_bwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
                              chunk=chunk, sub=sub, warps=warps)
   outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_types(out_shape, args),
       interpret=cfg.interpret,
       name=_RegisterCap.name("selective_scan_bwd",
                              cfg.tune("bwd_maxnreg", DEFAULT_TUNING["bwd_maxnreg"])),

@@ -38,7 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import LOG2E, softplus_from_exp2, softplus_series
+from toppax.pallas_kernels.common import (LOG2E, out_types, softplus_from_exp2,
+                                          softplus_series)
 
 try:  # jax 0.11 registers Mosaic GPU's lowering only when this module is imported
   from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
@@ -68,7 +69,7 @@ LANES = 128
 # At chunk 32 with 3 in flight the shared memory does not suffice. Division as a squared rsqrt
 # (one MUFU op; tried, then removed) measured no faster; softplus "series" 0.154 vs "goldberg"
 # 0.161.
-DEFAULT_TUNING = dict(chunk=None, concurrent=2, softplus="series")
+DEFAULT_TUNING = dict(mosaic_chunk=None, mosaic_concurrent=2, softplus="series")
 
 
 def supports(args) -> bool:
@@ -85,9 +86,9 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
     raise ValueError(f"the Mosaic GPU forward needs D a multiple of {LANES} and N x itemsize a "
                      f"multiple of 16 bytes, got D = {dim}, N = {n}, "
                      f"{jnp.dtype(args.B.dtype).name}; gpu_scan uses its Triton forward there")
-  chunk = chunk or cfg.tune("mosaic_chunk", DEFAULT_TUNING["chunk"]) or (
+  chunk = chunk or cfg.tune("mosaic_chunk", DEFAULT_TUNING["mosaic_chunk"]) or (
       32 // jnp.dtype(args.u.dtype).itemsize)
-  concurrent = concurrent or cfg.tune("mosaic_concurrent", DEFAULT_TUNING["concurrent"])
+  concurrent = concurrent or cfg.tune("mosaic_concurrent", DEFAULT_TUNING["mosaic_concurrent"])
   # A log2(e) transposed, D and delta_bias in one (N + 2, D) array: one XLA fusion, one TMA copy.
   params = jnp.concatenate([(args.A.astype(jnp.float32) * LOG2E).T,
                             args.D.astype(jnp.float32)[None],
@@ -180,7 +181,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
     pad = -length % 32
     xs.append(jnp.pad(args.gaps.astype(jnp.float32), ((0, 0), (0, pad))))
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct(args.u.shape, args.u.dtype),
+      kernel, out_type=out_types([jax.ShapeDtypeStruct(args.u.shape, args.u.dtype)], args)[0],
       grid=(dim // LANES, batch), grid_names=("d", "b"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **({} if interpret is None else dict(interpret=interpret)))(*xs, params)

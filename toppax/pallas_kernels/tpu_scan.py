@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import ScanArgs, sigmoid, softplus
+from toppax.pallas_kernels.common import ScanArgs, out_types, sigmoid, softplus
 
 DEFAULT_TUNING = dict(lane_tile=128, max_seq_tile=128)
 
@@ -316,7 +316,8 @@ def forward(cfg, args, save):
   outs = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, g=g, save=save),
       grid=(g["batch"], g["d_pad"] // g["lane"], g["n_l"]),
-      in_specs=[specs[k] for k in names], out_specs=out_specs, out_shape=out_shape,
+      in_specs=[specs[k] for k in names], out_specs=out_specs,
+      out_shape=out_types(out_shape, args),
       scratch_shapes=[pltpu.VMEM((g["n"], g["lane"]), f32), pltpu.VMEM((1, g["lane"]), f32)],
       compiler_params=_params(), interpret=_interpret(cfg), name="selective_scan_fwd_tpu",
       cost_estimate=pl.CostEstimate(flops=7 * elems, transcendentals=elems,
@@ -365,7 +366,7 @@ def backward(cfg, args, ckpt, dy):
   outs = list(pl.pallas_call(
       functools.partial(_bwd_kernel, cfg=cfg, g=g),
       grid=(g["batch"], n_d, g["n_l"]), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, scratch_shapes=scratch, compiler_params=_params(),
+      out_shape=out_types(out_shape, args), scratch_shapes=scratch, compiler_params=_params(),
       interpret=_interpret(cfg), name="selective_scan_bwd_tpu",
       cost_estimate=pl.CostEstimate(flops=25 * elems, transcendentals=3 * elems,
                                     bytes_accessed=_nbytes(*inputs, *out_shape)),

@@ -1,9 +1,10 @@
 """XLA implementations of the selective scan: the readable ``lax.scan`` ground truth and the
 portable ``associative_scan`` fallback.
 
-Both take already-prepared float inputs (see ``ops._prepare``): ``delta`` is the effective
-step (bias added, softplus applied), ``delta_gap`` the extra decay ``g_t * Δ̃_t`` accumulated
-over pruned positions (DESIGN §3), or ``None``. The state and every accumulation are in
+Both take already-prepared float inputs (``ops._xla_impl`` prepares them with
+``effective_delta`` and ``gap_decay``): ``delta`` is the effective step (bias added, softplus
+applied), ``delta_gap`` the extra decay ``g_t * Δ̃_t`` accumulated over pruned positions
+(DESIGN §3), or ``None``. The state and every accumulation are in
 ``compute_dtype`` (float32, or float64 when the inputs are float64).
 """
 from __future__ import annotations
@@ -12,8 +13,24 @@ import jax
 import jax.numpy as jnp
 
 
-def _flip(x, reverse):
-  return None if x is None else (jnp.flip(x, axis=1) if reverse else x)
+def varying_axes(*xs) -> frozenset:
+  """The mesh axes any of xs varies over inside a ``shard_map`` with ``check_vma=True`` (empty
+  elsewhere, and for None entries)."""
+  axes = set()
+  for x in xs:
+    if x is None:
+      continue
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)   # jax >= 0.10; earlier: aval.vma
+    axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+  return frozenset(axes)
+
+
+def vary(x, axes):
+  """x made to vary over ``axes`` as well (``lax.pcast``; its transpose sums the cotangent
+  over the axes added, as a replicated input's gradient needs)."""
+  missing = tuple(sorted(set(axes) - varying_axes(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def scan_reference(u, delta, A, B, C, delta_gap=None, *, reverse=False):
@@ -32,7 +49,9 @@ def scan_reference(u, delta, A, B, C, delta_gap=None, *, reverse=False):
     h = jnp.exp(dec_t[:, :, None] * A) * h + (d_t * u_t)[:, :, None] * b_t[:, None, :]
     return h, jnp.einsum("bdn,bn->bd", h, c_t, precision="highest")
 
-  h0 = jnp.zeros((batch, dim, n), u.dtype)
+  # Inside a shard_map with check_vma=True the carry must have the type of the step's output,
+  # which varies over the axes of its inputs; plain zeros vary over none.
+  h0 = vary(jnp.zeros((batch, dim, n), u.dtype), varying_axes(*xs, A))
   _, ys = jax.lax.scan(step, h0, xs, reverse=reverse)
   return jnp.swapaxes(ys, 0, 1)
 
