@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from toppax.tools import bench_scan
 
@@ -39,3 +40,17 @@ def test_kernel_breakdown_names_the_work():
   assert source is not None and rows
   name, us, launches = rows[0]
   assert us > 0 and launches > 0 and isinstance(name, str)
+
+
+def test_bench_scan_refuses_what_would_mislabel_or_crash(capsys):
+  other = "pallas_tpu" if jax.default_backend() != "tpu" else "pallas_gpu"
+  cases = [(["--impl", other], "fall back to xla"), (["--impl", "nope"], "unknown"),
+           (["--impl", "xla", "--shapes", "ViM-X"], "unknown shape"),
+           (["--impl", "xla", "--slow-shapes", "ViM-Q"], "unknown shape"),
+           (["--impl", "xla", "--dtypes", "float33"], "float33"),
+           (["--impl", "xla", "--batch", "0"], "positive")]
+  for argv, message in cases:
+    with pytest.raises(SystemExit) as e:
+      bench_scan.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err, argv

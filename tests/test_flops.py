@@ -220,3 +220,25 @@ def test_format_table_and_run(capsys):
 def test_scan_constant_is_gu_estimate():
   assert flops.SCAN_FLOPS_PER_STATE == 9 and flops.GAP_FLOPS_PER_STATE == 2
   assert math.isclose(model_gflops("vim_s"), 5.0782, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("name,img_size", [("vim_s", 0), ("vim_s", 8), ("plainmamba_l1", 0)])
+def test_image_without_patch_tokens_is_refused(name, img_size):
+  # --config.model.img_size=0 used to become 224, and 8 px at patch 16 gave a table of 0 tokens.
+  with pytest.raises(ValueError, match="no patch tokens"):
+    model_gflops(name, img_size)
+  config = SimpleNamespace(model={"name": name, "img_size": img_size})
+  with pytest.raises(ValueError, match="no patch tokens"):
+    flops.run(config)
+
+
+def test_command_line(capsys):
+  flops.main(["vim_s", "--paper"])
+  assert "3.60 GFLOPs" in capsys.readouterr().out
+  flops.main(["plainmamba_l3", "--paper"])
+  assert "8.42 GFLOPs" in capsys.readouterr().out
+  flops.main(["vim_s", "--layers", "5,10,15", "--keep", "0.8", "--no-alignment"])
+  assert "3.57 GFLOPs" in capsys.readouterr().out
+  for argv in (["vim_xx"], ["vim_s", "--layers", "5", "--keep", "1.5"], ["vim_t", "--layers", "30"]):
+    with pytest.raises(SystemExit):
+      flops.main(argv)

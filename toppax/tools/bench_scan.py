@@ -215,11 +215,35 @@ BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
                                 (8, 2, 168), (8, 4, 168)]]
 
 
+NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}   # the Pallas kernel each backend runs
+
+
+def _check_args(parser, a):
+  """Refuses what would give a wrong table: a Pallas kernel on a backend where it would fall
+  back to xla (its rows would carry xla's times under the kernel's name), unknown names."""
+  backend = jax.default_backend()
+  if a.impl not in ops._REGISTRY:
+    parser.error(f"--impl {a.impl!r}: unknown; choose from {sorted(ops._REGISTRY)}")
+  if a.impl.startswith("pallas") and NATIVE.get(backend) != a.impl:
+    parser.error(f"--impl {a.impl} does not run on {backend} (it would fall back to xla and be "
+                 f"timed under its name); run on its hardware or pass --impl xla")
+  for flag, names in (("--shapes", a.shapes), ("--slow-shapes", a.slow_shapes)):
+    bad = [s for s in names.split(",") if s and s not in SHAPES]
+    if bad or (flag == "--shapes" and not names):
+      parser.error(f"{flag}: unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
+  for name in a.dtypes.split(","):
+    if name not in ("float32", "bfloat16"):
+      parser.error(f"--dtypes: {name!r} is not one of float32, bfloat16")
+  if a.batch < 1 or a.length < 1 or a.copy_mib < 1:
+    parser.error("--batch, --length and --copy-mib must be positive")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=".", help="folder for bench_scan.json and bench_scan.md")
-  p.add_argument("--impl", default="pallas_gpu" if jax.default_backend() == "gpu" else
-                 "pallas_tpu")
+  p.add_argument("--impl", default=NATIVE.get(jax.default_backend(), "xla"),
+                 help="implementation to time next to xla and reference (default: this "
+                      "backend's Pallas kernel)")
   p.add_argument("--shapes", default=",".join(SHAPES))
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--batch", type=int, default=128)
@@ -234,9 +258,10 @@ def main(argv=None):
   p.add_argument("--profile-once", action="store_true",
                  help="run the kernels once at the first shape and dtype (for ncu), then exit")
   a = p.parse_args(argv)
+  _check_args(p, a)
   n = 16
   if a.profile_once:
-    dim = 2 * {"ViM-T": 192, "ViM-S": 384, "ViM-B": 768}[a.shapes.split(",")[0]]
+    dim = SHAPES[a.shapes.split(",")[0]]
     dtype = jnp.dtype(a.dtypes.split(",")[0])
     x = inputs(jax.random.PRNGKey(0), a.batch, a.length, dim, n, dtype)
     args = tuple(x[k] for k in KEYS)
@@ -277,7 +302,7 @@ def main(argv=None):
             + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 
   for shape in a.shapes.split(","):
-    dim = 2 * {"ViM-T": 192, "ViM-S": 384, "ViM-B": 768}[shape]
+    dim = SHAPES[shape]
     for dname in a.dtypes.split(","):
       dtype = jnp.dtype(dname)
       x = inputs(jax.random.PRNGKey(0), a.batch, a.length, dim, n, dtype)

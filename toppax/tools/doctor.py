@@ -40,3 +40,7 @@ def run(config=None) -> str:
   text = report()
   print(text, flush=True)
   return text
+
+
+if __name__ == "__main__":      # python -m toppax.tools.doctor: the same report as --mode=doctor
+  run()

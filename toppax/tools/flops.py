@@ -260,6 +260,11 @@ def block_table(name: str, img_size=224, pruning=None, **overrides) -> list[dict
   convs, norm), ``scan_gflops`` and ``align_gflops`` (the alignment decay over pruned positions).
   """
   key, spec = _spec(name, overrides)
+  h, w = _hw(img_size)
+  smallest = spec["patch_size"] if key in VIM_ARCHS else 1
+  if min(h, w) < smallest:
+    raise ValueError(f"img_size {img_size} gives no patch tokens for {key}; use an image size "
+                     f"of at least {smallest}" + (" (its patch size)" if smallest > 1 else ""))
   if key in VIM_ARCHS:
     return _vim_rows(spec, img_size, pruning)
   return _pm_rows(spec, img_size, pruning)
@@ -313,7 +318,8 @@ def run(config: Any) -> str:
   architecture overrides (depth, embed_dim, patch_size, ...), pruned only when ``config.pruning``
   is present and not switched off (``enabled=False``)."""
   model = config.model
-  img_size = _field(model, "img_size", None) or 224
+  img_size = _field(model, "img_size", None)
+  img_size = 224 if img_size is None else img_size
   overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items()
                if k not in _RUNTIME_FIELDS and v is not None}
   data = config.get("data") if hasattr(config, "get") else getattr(config, "data", None)
@@ -325,3 +331,41 @@ def run(config: Any) -> str:
   table = format_table(_field(model, "name"), img_size, pruning, **overrides)
   print(table)
   return table
+
+
+def main(argv=None) -> None:
+  """``python -m toppax.tools.flops MODEL [--img-size N] [--paper | --keep R --layers 5,10,15]``:
+  the FLOPs table of a model by name, without a config file."""
+  import argparse
+  p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+  p.add_argument("model", help=f"one of {', '.join(MODEL_NAMES)}")
+  p.add_argument("--img-size", type=int, default=224)
+  p.add_argument("--paper", action="store_true",
+                 help="the ToP paper's schedule (ViM: PruneConfig.paper; PlainMamba: "
+                      "PLAINMAMBA_TOP_SCHEDULES), with alignment")
+  p.add_argument("--layers", default="", help="prune after these blocks, e.g. 5,10,15")
+  p.add_argument("--keep", type=float, default=0.8, help="keep ratio with --layers")
+  p.add_argument("--no-alignment", action="store_true", help="plain removal: no decay counted")
+  a = p.parse_args(argv)
+  try:
+    key = _canonical(a.model)
+    pruning = None
+    if a.paper:
+      if key in PLAINMAMBA_TOP_SCHEDULES:
+        layers, ratios = PLAINMAMBA_TOP_SCHEDULES[key]
+        pruning = dict(layers=layers, keep_ratio=ratios, alignment=not a.no_alignment)
+      else:
+        from toppax.pruning import PruneConfig
+        pruning = PruneConfig.paper(key, alignment=not a.no_alignment)
+    elif a.layers:
+      layers = tuple(int(x) for x in a.layers.split(","))
+      if not 0.0 < a.keep <= 1.0:
+        raise ValueError(f"--keep must be in (0, 1], got {a.keep}")
+      pruning = dict(layers=layers, keep_ratio=a.keep, alignment=not a.no_alignment)
+    print(format_table(key, a.img_size, pruning))
+  except ValueError as e:
+    p.error(str(e))
+
+
+if __name__ == "__main__":
+  main()
