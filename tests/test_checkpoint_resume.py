@@ -39,6 +39,12 @@ def _steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+def _logged_steps(workdir):
+  import json
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return sorted((r["step"], tuple(sorted(r))) for r in rows)
+
+
 def _load(workdir, step):
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"))
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
@@ -66,6 +72,8 @@ def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
   assert resumed.returncode == 0, out_resumed[-3000:]
   assert ref.returncode == 0, out_ref[-3000:]
   assert f"resumed from step {killed_at}" in out_resumed
+  # The killed run's rows after its checkpoint were dropped: every step is logged once.
+  assert _logged_steps(killed) == _logged_steps(straight)
   a, meta_a = _load(straight, TOTAL)
   b, meta_b = _load(killed, TOTAL)
   assert meta_a["data_position"] == meta_b["data_position"] == TOTAL
@@ -134,3 +142,52 @@ def test_incompatible_and_corrupt_checkpoints_raise(tmp_path):
   c2 = checkpointing.Checkpointer(str(tmp_path / "a"), every=1)
   with pytest.raises(checkpointing.CheckpointError, match="corrupt|could not be restored"):
     c2.restore(_abstract(_tree()))
+
+
+def test_resume_checks_before_writing_and_logs_each_step_once(tmp_path, caplog):
+  import json
+  import logging
+  from configs import digits
+  from toppax import train
+  c = digits.get_config("runlocal")
+  c.model.depth, c.model.embed_dim, c.model.d_state = 1, 16, 4
+  c.pruning.layers, c.compare = (1,), ()
+  c.aug.randaug_layers, c.ema_decay = 0, 0.0
+  c.total_steps, c.checkpoint_every, c.log_every = 2, 2, 2
+  c.data.eval_examples, c.eval_batch_size = 16, 16
+  steps_per_epoch = 1438 // c.batch_size                # digits: 1,438 training images
+  c.eval_every_epochs = (2 + 0.5) / steps_per_epoch     # evaluate every 2 steps
+  workdir = str(tmp_path)
+  train.train_and_evaluate(c, workdir)
+  stored = open(os.path.join(workdir, "config.json")).read()
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  # A run killed after checkpoint 2, before its eval at step 2 was logged, having logged step 3:
+  rows = [json.loads(l) for l in open(metrics)]
+  with open(metrics, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows if not (r["step"] == 2 and "eval/top1" in r))
+    f.write(json.dumps({"step": 3, "train/loss": 9.0}) + "\n")
+
+  refused = c.copy_and_resolve_references()
+  refused.batch_size = 32
+  with pytest.raises(checkpointing.CheckpointError, match="seed=0, batch_size=64"):
+    train.train_and_evaluate(refused, workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == stored
+
+  c.total_steps, c.lr = 4, 1e-3           # total_steps may change on resume; lr is flagged
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(c, workdir)
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any("differs from its stored config.json in: lr." in m for m in warned), warned
+  assert json.load(open(os.path.join(workdir, "config.json")))["lr"] == 1e-3
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    result = train.train_and_evaluate(c, workdir)       # finished: evaluation only
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any("training is already complete" in m and "step 4 of 4" in m for m in warned), warned
+  assert not any("differs" in m for m in warned)
+  assert result["step"] == 4 and "eval/top1" in result
+  rows = [json.loads(l) for l in open(metrics)]
+  keys = [(r["step"], tuple(sorted(r))) for r in rows]
+  assert len(keys) == len(set(keys)), keys             # each step (and kind of row) once
+  assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+  assert [r["step"] for r in rows if "eval/top1" in r] == [2, 4]   # step 2's eval redone

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,17 +24,98 @@ class _DropOrbaxInfo(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _is_orbax_read_noise(unraisable) -> bool:
+  # A failed restore leaves orbax's pending array reads behind: their coroutines and
+  # TensorStore callbacks then fail against a closed event loop, printing pages of tracebacks
+  # after the real (already raised) error.
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "/orbax/" in code.co_filename:
+    return True
+  exc = unraisable.exc_value
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_unraisable_hook(previous):
+  def hook(unraisable):
+    if not _is_orbax_read_noise(unraisable):
+      previous(unraisable)
+  hook.toppax_quiet = True
+  return hook
+
+
 def quiet_orbax():
-  """Drops orbax's INFO records (dozens per save) from the absl/root log handlers."""
+  """Drops orbax's INFO records (dozens per save) from the absl/root log handlers, and the
+  leftover async-read tracebacks of a failed restore."""
   for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     if not any(isinstance(f, _DropOrbaxInfo) for f in h.filters):
       h.addFilter(_DropOrbaxInfo())
+  if not getattr(sys.unraisablehook, "toppax_quiet", False):
+    sys.unraisablehook = _quiet_unraisable_hook(sys.unraisablehook)
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint in the workdir is corrupt or does not match the config."""
 
 
+def _brief(e: BaseException, limit: int = 300) -> str:
+  """``Type: message`` of the innermost cause (orbax wraps TensorStore's precise error in a
+  generic one), cut short: TensorStore messages embed whole multi-line specs."""
+  for _ in range(8):
+    inner = e.__cause__ or e.__context__
+    if inner is None:
+      break
+    e = inner
+  msg = str(e).split("See full TensorStore details")[0].strip()
+  msg = " ".join(msg.split())
+  if len(msg) > limit:
+    msg = msg[:limit] + " ..."
+  return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _shown(bad: list[str]) -> str:
+  return "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+
+
+def flat_config(d, prefix="") -> dict:
+  """A nested config dict (or its JSON) as ``{"model.img_size": 224, ...}``; lists as tuples,
+  so a config read back from JSON compares equal to the ConfigDict it was written from."""
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict):
+      out.update(flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def _read_json(path: str):
+  import json
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def config_diff(stored: dict | None, config) -> str:
+  """Why a readable checkpoint does not fit: the ``config.model`` (and ``data.num_classes``)
+  fields that differ from ``stored`` (``{"model": ..., "data": {"num_classes": ...}}`` of the
+  config that wrote it), or the stored values when ``config`` (the current one) is not given."""
+  stored = flat_config(stored)
+  if not stored:
+    return ("The config (config.model: img_size, patch_size, embed_dim, depth, ...; "
+            "data.num_classes; ema_decay, grad_clip) differs from the one that wrote it.")
+  if config is not None:
+    current = flat_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    diff = [f"{k}: checkpoint {stored[k]!r}, config {current[k]!r}" for k in sorted(stored)
+            if k in current and current[k] != stored[k]]
+    if diff:
+      return ("The config differs from the one that wrote it:\n  " + "\n  ".join(diff))
+    return ("config.model matches the one that wrote it: the optimizer settings (ema_decay, "
+            "grad_clip) or data.num_classes differ.")
+  fields = ", ".join(f"{k}={v!r}" for k, v in sorted(stored.items()) if v is not None)
+  return (f"The config differs from the one that wrote it ({fields}): compare with your "
+          "config.model.")
 
 
 def _to_savable(tree):
@@ -115,8 +197,11 @@ class Checkpointer:
       logging.info("saved checkpoint %d in %s", step, self.directory)
     return saved
 
-  def restore(self, abstract_state, step: int | None = None):
-    """(state, meta) of ``step`` (default: the latest), sharded like ``abstract_state``."""
+  def restore(self, abstract_state, step: int | None = None, *, config=None):
+    """(state, meta) of ``step`` (default: the latest), sharded like ``abstract_state``.
+
+    ``config`` (the current one, optional) names the differing fields when the checkpoint was
+    written for another model."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -128,15 +213,17 @@ class Checkpointer:
       stored = self.manager.item_metadata(step)["state"]
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} is unreadable (corrupt or incomplete): "
-                            f"{type(e).__name__}: {e}. {hint}") from e
+                            f"{_brief(e)}. {hint}") from e
     if stored is None:
-      raise CheckpointError(f"checkpoint {where} has no 'state' item (corrupt or not a toppax "
-                            f"checkpoint). {hint}")
+      raise CheckpointError(f"checkpoint {where} has no readable 'state' item (corrupt, "
+                            f"incomplete or not a toppax checkpoint). {hint}")
     bad = _shape_mismatches(stored, target)
     if bad:
-      shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-      raise CheckpointError(f"checkpoint {where} does not match the configured model/optimizer:"
-                            f"\n  {shown}\n{hint}")
+      raise CheckpointError(
+          f"checkpoint {where} is readable but does not match the configured model/optimizer:"
+          f"\n  {_shown(bad)}\n{config_diff(self.stored_config(step), config)}\nRun with the "
+          f"config that wrote it (see {os.path.dirname(self.directory)}/config.json), or use a "
+          "new --workdir for this config.")
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -144,13 +231,32 @@ class Checkpointer:
       # Force a full read now, so a truncated array file fails here and not mid-training.
       jax.block_until_ready(state)
     except Exception as e:
-      raise CheckpointError(f"checkpoint {where} could not be restored: "
-                            f"{type(e).__name__}: {e}. {hint}") from e
+      raise CheckpointError(f"checkpoint {where} could not be restored (corrupt or incomplete): "
+                            f"{_brief(e)}. {hint}") from e
     meta = out["meta"] or {}
     if meta.get("step", step) != step:
       raise CheckpointError(f"checkpoint {where} says step {meta.get('step')} in its metadata "
                             f"but is stored as step {step}. {hint}")
     return state, meta
+
+  def stored_config(self, step: int) -> dict | None:
+    """``{"model": ..., "data": {"num_classes": ...}}`` of the config that wrote ``step``: the
+    checkpoint's own metadata, plus the workdir's config.json where it agrees (a resumed run
+    rewrites config.json, so only a matching one describes the checkpoint); None if unknown."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"] or {}
+    except Exception:  # noqa: BLE001 -- only an error message's detail
+      meta = {}
+    cfg = _read_json(os.path.join(os.path.dirname(self.directory), "config.json")) or {}
+    model = meta.get("model") or cfg.get("model")
+    if not model:
+      return None
+    out = {"model": model}
+    n = (cfg.get("data") or {}).get("num_classes")
+    if n is not None and cfg.get("model") == model:
+      out["data"] = {"num_classes": n}
+    return out
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -195,53 +301,104 @@ def _is_manager_dir(path):
   return any(e.name.isdigit() and e.is_dir() for e in os.scandir(path))
 
 
+def not_a_toppax_dir(path: str) -> CheckpointError:
+  """The error for a directory given as ``config.init_from`` that holds no toppax checkpoint."""
+  path = os.path.abspath(path)
+  weights = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pt", ".npz")))
+  found = (f" (it holds {', '.join(weights[:3])}: pass the file itself)" if weights
+           else "")
+  return CheckpointError(
+      f"{path} is not a toppax checkpoint directory{found}: expected a training --workdir "
+      "(with checkpoints/<step>/), a --mode=convert output (with params/ and "
+      "params_meta.json) or a checkpoints/ folder (with <step>/); for official weights pass "
+      "the .pth file (or a .npz state dict) as config.init_from.")
+
+
 def _target_from_metadata(tree, sharding):
   def conv(m):
     return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
   return jax.tree.map(conv, tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
 
-def load_params(path: str, abstract_params, *, use_ema: bool = True, sharding=None):
+def _read_converted(where: str, sharding):
+  """``{params, rngs}`` of a ``--mode=convert`` output, read synchronously: an async
+  checkpointer leaves its event-loop thread to fail noisily when the read fails."""
+  ck = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  try:
+    stored = ck.metadata(where)
+    stored = getattr(stored, "item_metadata", stored)
+    stored = getattr(stored, "tree", stored)
+    if not stored:
+      raise ValueError("its array metadata is missing or unreadable")
+    out = ck.restore(where, ocp.args.StandardRestore(_target_from_metadata(dict(stored),
+                                                                           sharding)))
+    jax.block_until_ready(out)
+    return out
+  finally:
+    ck.close()
+
+
+def load_params(path: str, abstract_params, *, use_ema: bool = True, sharding=None,
+                config=None):
   """Parameters from a toppax directory: a training workdir (its latest checkpoint; the EMA
   copy when kept and ``use_ema``) or a ``--mode=convert`` output. Returns ``(params, what)``.
 
   ``abstract_params`` (ShapeDtypeStructs of the configured model) is checked against what is
   stored; a mismatch raises CheckpointError listing the paths. Pruning does not change any
-  parameter shape, so a dense run's parameters start a pruned fine-tune.
+  parameter shape, so a dense run's parameters start a pruned fine-tune. ``config`` (the
+  current one, optional) names the differing fields in that error.
   """
   path = os.path.abspath(path)
+  if not is_toppax_dir(path):
+    if os.path.isdir(path):
+      raise not_a_toppax_dir(path)
+    raise CheckpointError(f"{path} is not a directory: config.init_from must name a toppax "
+                          "workdir, a --mode=convert output, or an official .pth/.npz file")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   quiet_orbax()
   if os.path.isdir(os.path.join(path, PARAMS_DIR)):
     where = os.path.join(path, PARAMS_DIR)
+    meta = _read_json(os.path.join(path, "params_meta.json")) or {}
     try:
-      with ocp.StandardCheckpointer() as ck:
-        stored = ck.metadata(where)
-        stored = getattr(stored, "item_metadata", stored)
-        stored = getattr(stored, "tree", stored)
-        out = ck.restore(where, _target_from_metadata(dict(stored), sharding))
+      out = _read_converted(where, sharding)
     except Exception as e:
-      raise CheckpointError(f"{where} could not be read ({type(e).__name__}: {e}); write it "
-                            "again with --mode=convert") from e
+      source = meta.get("source")
+      redo = (f"re-run --mode=convert --config.init_from={source} into a new --workdir"
+              if source else "write it again with --mode=convert into a new --workdir")
+      raise CheckpointError(
+          f"converted parameters in {where} could not be read (corrupt or incomplete: "
+          f"{_brief(e)}): {redo}, or point config.init_from at a good checkpoint.") from None
     params, what = out["params"], f"converted parameters in {where}"
+    stored_cfg = {"model": meta["model"]} if meta.get("model") else None
+    if stored_cfg and meta.get("num_classes") is not None:
+      stored_cfg["data"] = {"num_classes": meta["num_classes"]}
   else:
     ckdir = os.path.join(path, "checkpoints") if os.path.isdir(
         os.path.join(path, "checkpoints")) else path
     ck = Checkpointer(ckdir)
-    step = ck.latest_step()
-    if step is None:
-      raise CheckpointError(f"no checkpoint in {ckdir}: config.init_from must name a toppax "
-                            "workdir with a finished (or saved) training run, a --mode=convert "
-                            "output, or an official .pth/.npz file")
     try:
-      stored = ck.manager.item_metadata(step)["state"]
-      stored = getattr(stored, "tree", stored)
-      target = _target_from_metadata(dict(stored), sharding)
-      out = ck.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
-    except Exception as e:
-      raise CheckpointError(f"checkpoint {ckdir}/{step} could not be restored "
-                            f"({type(e).__name__}: {e})") from e
+      step = ck.latest_step()
+      if step is None:
+        raise CheckpointError(f"no checkpoint in {ckdir}: config.init_from must name a toppax "
+                              "workdir with a finished (or saved) training run, a "
+                              "--mode=convert output, or an official .pth/.npz file")
+      where = os.path.join(ckdir, str(step))
+      try:
+        stored = ck.manager.item_metadata(step)["state"]
+        stored = getattr(stored, "tree", stored)
+        if not stored:
+          raise ValueError("its 'state' metadata is missing or unreadable")
+        target = _target_from_metadata(dict(stored), sharding)
+        out = ck.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+        jax.block_until_ready(out)
+      except Exception as e:
+        earlier = [s for s in ck.manager.all_steps() if s < step]
+        move = (f"; or move {where} away to start from step {max(earlier)}" if earlier else "")
+        raise CheckpointError(
+            f"checkpoint {where} could not be restored (corrupt or incomplete: {_brief(e)}): "
+            f"point config.init_from at a good checkpoint{move}.") from None
+      stored_cfg = ck.stored_config(step)
     finally:
       ck.close()
     ema = out.get("ema") or {}
@@ -251,9 +408,9 @@ def load_params(path: str, abstract_params, *, use_ema: bool = True, sharding=No
       params, what = out["params"], f"parameters of {ckdir} step {step}"
   bad = _shape_mismatches(params, abstract_params)
   if bad:
-    shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-    raise CheckpointError(f"{what} do not fit the configured model:\n  {shown}\nCheck "
-                          "config.model (name, depth, embed_dim, img_size, num_classes).")
+    raise CheckpointError(f"{what} do not fit the configured model:\n  {_shown(bad)}\n"
+                          f"{config_diff(stored_cfg, config)}\nCheck config.model (name, depth, "
+                          "embed_dim, img_size, num_classes).")
   # orbax returns nested dicts; the model's pure dict may key layers by int: match its structure.
   params = jax.tree.unflatten(jax.tree.structure(abstract_params),
                               [_flatten(params)[k] for k in _flatten(abstract_params)])

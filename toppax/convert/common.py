@@ -24,6 +24,11 @@ def _to_numpy(v) -> np.ndarray:
   return np.asarray(v)
 
 
+def _brief(e: BaseException, limit: int = 300) -> str:
+  msg = " ".join(str(e).split())
+  return f"{type(e).__name__}: {msg[:limit]}{' ...' if len(msg) > limit else ''}"
+
+
 def load_state_dict(source) -> dict[str, np.ndarray]:
   """A mapping of official key -> array (numpy or torch), or a path to a .pth/.pt/.npz file.
 
@@ -34,8 +39,21 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
     path = os.fspath(source)
     if not os.path.exists(path):
       raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+      from toppax.checkpointing import is_toppax_dir, not_a_toppax_dir
+      if is_toppax_dir(path):
+        raise ConversionError(f"{path} holds toppax parameters, not an official state dict: "
+                              "use it as config.init_from directly (no conversion needed)")
+      raise not_a_toppax_dir(path)
     if path.endswith(".npz"):
-      sd = dict(np.load(path))
+      try:
+        with np.load(path) as z:
+          sd = {k: z[k] for k in z.files}
+      except Exception as e:
+        raise ConversionError(f"could not read state dict {path!r} ({_brief(e)}): "
+                              "it is truncated or not a numpy .npz; write it again with "
+                              "np.savez(path, **state_dict) or pass the official .pth file"
+                              ) from e
     else:
       try:
         import torch
@@ -45,8 +63,9 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
       try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
       except Exception as e:
-        raise ConversionError(f"could not read checkpoint {path!r} ({type(e).__name__}: {e}); "
-                              "is it a complete PyTorch checkpoint file?") from e
+        raise ConversionError(f"could not read checkpoint {path!r} ({_brief(e)}): "
+                              "it is truncated or not a PyTorch checkpoint; download the "
+                              "official .pth again (or pass a .npz state dict)") from e
       sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
   elif isinstance(source, Mapping):
     sd = dict(source)
