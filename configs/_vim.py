@@ -12,7 +12,11 @@ def get_config(model_name, arg=None):
   c.model.img_size = a.res
   if model_name == "vim_b":
     c.model.drop_path_rate = 0.5    # Vim's ViM-B recipe; T and S use 0.1 (Vim README)
-  variant = "top" if a.top else "removal" if a.removal else "evit" if a.evit else ""
+  variants = [v for v in ("top", "removal", "evit") if a[v]]
+  if len(variants) > 1:
+    raise ValueError(f"config arguments {', '.join(variants)} exclude each other: give at most "
+                     "one of top, removal, evit")
+  variant = variants[0] if variants else ""
   if variant:
     c = common.apply_top_finetune(c, model_name, variant)
   common.apply_data_args(c, a)

@@ -90,9 +90,16 @@ def get_config(arg=None):
     c.model.dtype = "float32"
     c.data.eval_examples = 64
     c.eval_every_epochs = 0
-    c.study.seeds = (0,)
-    c.study.keep_ratios = (0.5,)
     c.study.importances = ("clip", "l1")
     c.study.ablation_ratio = 0.5
-    c.study.finetune_steps = 3
+    # Explicit arguments win over runlocal's sizes.
+    given = common.given(arg)
+    if "epochs" in given:
+      c.total_steps = 0
+    if "seeds" not in given:
+      c.study.seeds = (0,)
+    if "ratios" not in given:
+      c.study.keep_ratios = (0.5,)
+    if "ft_epochs" not in given:
+      c.study.finetune_steps = 3
   return c

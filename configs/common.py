@@ -38,6 +38,12 @@ def parse_arg(arg, lazy=False, **spec):
   return out
 
 
+def given(arg):
+  """The argument names present in ``arg`` (``"runlocal,epochs=3"`` -> ``{"runlocal", "epochs"}``),
+  so that explicit arguments win over ``runlocal``'s defaults."""
+  return {item.partition("=")[0] for item in (arg or "").split(",") if item}
+
+
 def pruning(enabled=False, layers=(5, 10, 15), keep_ratio=0.8, importance="clip",
             alignment=True, cls_mode="keep_position", fused_token=False, gap_delta="prev"):
   """``toppax.pruning.PruneConfig`` as plain fields (built by ``train.prune_config``)."""
@@ -122,7 +128,7 @@ def base_config():
   c.eval_ema = True
 
   c.log_every = 50
-  c.eval_every_epochs = 5         # 0: only at the end
+  c.eval_every_epochs = 5.0       # may be fractional; 0: only at the end
   c.checkpoint_every = 1000       # steps
   c.keep_checkpoints = 3
   c.compare = ()                  # after training: evaluate these variants side by side

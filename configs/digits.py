@@ -1,7 +1,7 @@
 """The embedded default: a small ViM on scikit-learn's bundled digits (no download needed).
 
 1,797 real 8x8 grey handwritten digits (UCI optdigits test set, shipped inside the scikit-learn
-wheel), split 80/20 with a fixed seed (1,437 train / 360 test), upsampled to 16x16x3. A 6-block
+wheel), split 80/20 with a fixed seed (1,438 train / 359 test), upsampled to 16x16x3. A 6-block
 ViM (dim 64, 17 tokens) trains from scratch, then the same weights are evaluated dense, ToP-pruned
 (alignment) and plain-removal-pruned, printing accuracy, GFLOPs and img/s side by side.
 
@@ -63,8 +63,9 @@ def get_config(arg=None):
   c.bench.dtypes = ("float32",)
   c.bench.repeats = 5
   if a.runlocal:
-    c.num_epochs = 1
-    c.total_steps = 6
+    if "epochs" not in common.given(arg):    # explicit arguments win over runlocal's
+      c.num_epochs = 1
+      c.total_steps = 6
     c.log_every = 2
     c.checkpoint_every = 3
     c.data.eval_examples = 100

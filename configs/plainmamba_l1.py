@@ -5,8 +5,8 @@ PlainMamba paper, 3.0 GFLOPs, 7.55M parameters):
   python -m toppax.main --config=configs/plainmamba_l1.py --workdir=/tmp/plainmamba_l1
 
 ToP fine-tuning from the official dense checkpoint (30 epochs, lr 5e-6 at batch 512, wd 1e-8,
-drop-path 0), pruning after layers (6, 10, 14) with keep ratio 0.5: tokens 196 -> 98 -> 49 -> 25,
-1.76 (-41.6%; 1.89 counting the alignment decay) GFLOPs:
+drop-path 0), pruning after layers (3, 9, 15) with keep ratio 0.5: tokens 196 -> 98 -> 49 -> 25,
+1.76 GFLOPs with the alignment decay counted (-41.6%; plain removal 1.61):
   python -m toppax.main --config=configs/plainmamba_l1.py:top --workdir=/tmp/plainmamba_l1_top \
     --config.init_from=/path/to/plainmamba_l1_official.pth
 

@@ -5,8 +5,8 @@ PlainMamba paper, 8.1 GFLOPs, 26.1M parameters):
   python -m toppax.main --config=configs/plainmamba_l2.py --workdir=/tmp/plainmamba_l2
 
 ToP fine-tuning from the official dense checkpoint (30 epochs, lr 5e-6 at batch 512, wd 1e-8,
-drop-path 0), pruning after layers (4, 8, 12) with keep ratio 0.65: tokens 196 -> 128 -> 84 -> 55,
-4.72 (-41.6%; 4.96 counting the alignment decay) GFLOPs:
+drop-path 0), pruning after layers (5, 8, 11) with keep ratio 0.6: tokens 196 -> 118 -> 71 -> 43,
+4.71 GFLOPs with the alignment decay counted (-41.6%; plain removal 4.46):
   python -m toppax.main --config=configs/plainmamba_l2.py:top --workdir=/tmp/plainmamba_l2_top \
     --config.init_from=/path/to/plainmamba_l2_official.pth
 

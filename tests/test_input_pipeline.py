@@ -114,3 +114,11 @@ def test_missing_datasets_say_how_to_prepare_them(tmp_path):
   c.data.num_classes = 7
   with pytest.raises(ValueError, match="10 classes"):
     ip.make_source(c.data, "train")
+
+
+def test_non_positive_batch_sizes_name_the_config_field():
+  with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0: set "
+                                       r"config.batch_size"):
+    ip.TrainPlan(num_examples=100, global_batch=0)
+  with pytest.raises(ValueError, match=r"set config.eval_batch_size"):
+    ip.eval_plan(10, 0)

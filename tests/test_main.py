@@ -5,17 +5,21 @@ import sys
 
 import pytest
 
-from configs import common, digits, vim_b, vim_s, vim_t
+from configs import cifar10, common, digits, vim_b, vim_s, vim_t
 from toppax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=300):
+def _run(*args, timeout=300, cwd=ROOT, pythonpath=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "toppax.main", *args], cwd=ROOT, env=env,
+             PYTHONPATH=pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, "-m", "toppax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def _printed_workdir(stdout):
+  return [line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("workdir: ")]
 
 
 def test_a_config_typo_fails_loudly():
@@ -36,13 +40,90 @@ def test_doctor_mode_and_printed_workdir():
   r = _run("--config=configs/digits.py:runlocal", "--mode=doctor")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "backend: cpu" in r.stdout
-  assert f"workdir: {main.default_workdir('configs/digits.py:runlocal')}" in r.stdout
+  # The args appear once: `digits-runlocal`, not `digits-runlocalrunlocal`.
+  assert _printed_workdir(r.stdout) == [main.default_workdir("configs/digits.py:runlocal")]
+  assert _printed_workdir(r.stdout)[0].endswith(os.path.join("toppax", "digits-runlocal"))
+
+
+def test_missing_config_file_is_a_short_error():
+  r = _run("--config=configs/nope.py", "--mode=flops")
+  assert r.returncode != 0
+  assert "no config file 'configs/nope.py'" in r.stderr and "--config=configs/digits.py" in r.stderr
+  assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 3, r.stderr
+
+
+def test_unloadable_config_file_is_a_short_error(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("import no_such_module_xyz\n")
+  r = _run(f"--config={bad}", "--mode=flops")
+  assert r.returncode != 0
+  assert f"cannot load '{bad}'" in r.stderr and "no_such_module_xyz" in r.stderr
+  assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 3, r.stderr
 
 
 def test_default_workdir_names_config_and_args():
   w = main.default_workdir("configs/vim_s.py:top,res=384")
   assert w.endswith(os.path.join("toppax", "vim_s-top-res384"))
   assert main.default_workdir("configs/digits.py").endswith(os.path.join("toppax", "digits"))
+
+
+def test_config_spec_has_args_once():
+  # get_config_filename returns `path:args` in newer ml_collections, `path` in older ones.
+  for filename in ("configs/vim_s.py:top,res=384", "configs/vim_s.py"):
+    spec = main.config_spec(filename, "configs/vim_s.py:top,res=384")
+    assert spec == "configs/vim_s.py:top,res=384"
+    assert main.default_workdir(spec).endswith(os.path.join("toppax", "vim_s-top-res384"))
+  assert main.config_spec("configs/digits.py", "configs/digits.py") == "configs/digits.py"
+
+
+def test_default_workdir_reflects_overrides():
+  plain = main.default_workdir("configs/digits.py:runlocal")
+  assert main.default_workdir("configs/digits.py:runlocal", {}) == plain
+  lr = main.default_workdir("configs/digits.py:runlocal", {"lr": 1e-4})
+  assert lr.startswith(plain + "-o") and len(lr) == len(plain) + 10
+  assert main.default_workdir("configs/digits.py:runlocal", {"lr": 2e-4}) != lr
+  two = {"lr": 1e-4, "model.depth": 2}
+  assert (main.default_workdir("configs/digits.py:runlocal", two)
+          == main.default_workdir("configs/digits.py:runlocal", dict(reversed(two.items()))))
+
+
+def test_runs_outside_the_repo_and_workdir_has_overrides(tmp_path):
+  # No repo root on PYTHONPATH, cwd elsewhere: main finds the `configs` package by itself.
+  config = os.path.join(ROOT, "configs", "digits.py")
+  r = _run(f"--config={config}:runlocal", "--config.lr=0.0001", "--mode=flops", cwd=tmp_path,
+           pythonpath="")
+  assert r.returncode == 0, r.stderr[-2000:]
+  want = main.default_workdir("configs/digits.py:runlocal", {"lr": 1e-4})
+  assert _printed_workdir(r.stdout) == [want] and want != main.default_workdir(
+      "configs/digits.py:runlocal")
+  assert f"default workdir {want}" in r.stderr
+
+
+def test_runlocal_keeps_explicit_arguments():
+  c = cifar10.get_config("runlocal,ratios=0.3+0.6,seeds=2+3,ft_epochs=2,epochs=4")
+  assert c.study.keep_ratios == (0.3, 0.6) and c.study.seeds == (2, 3)
+  assert (c.study.finetune_epochs, c.study.finetune_steps) == (2, 0)
+  assert (c.num_epochs, c.total_steps) == (4, 0)
+  c = cifar10.get_config("runlocal")
+  assert (c.study.keep_ratios, c.study.seeds, c.study.finetune_steps) == ((0.5,), (0,), 3)
+  assert c.total_steps == 10
+  d = digits.get_config("runlocal,epochs=3")
+  assert (d.num_epochs, d.total_steps) == (3, 0)
+  d = digits.get_config("runlocal")
+  assert (d.num_epochs, d.total_steps) == (1, 6)
+
+
+def test_study_runlocal_rejects_bad_explicit_ratios(tmp_path):
+  # The audited command: runlocal used to replace the ratios, so the bad ones went unnoticed.
+  r = _run("--config=configs/cifar10.py:runlocal,ratios=0+1.5", "--mode=study",
+           f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "keep ratio 0.0 is outside (0, 1]" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("arg", ["top,evit", "top,removal", "removal,evit", "top,removal,evit"])
+def test_vim_variants_exclude_each_other(arg):
+  with pytest.raises(ValueError, match="give at most one of top, removal, evit"):
+    vim_s.get_config(arg)
 
 
 def test_parse_arg():

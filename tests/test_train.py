@@ -122,3 +122,64 @@ def test_plainmamba_weight_decay_exempts_its_ssm_parameters():
   assert not m["layers"]["0"]["mixer"]["A_log"] and not m["layers"]["0"]["mixer"]["direction_Bs"]
   assert m["layers"]["0"]["mixer"]["in_proj"]["kernel"] and not m["pos_embed"]
   assert train.weight_decay_mask(params)["layers"]["0"]["mixer"]["A_log"]  # Vim decays A_log
+
+
+class _Mesh:
+  """Stands in for a mesh of ``n`` devices (the tests run on one CPU device)."""
+
+  def __init__(self, n):
+    self.devices = np.zeros(n)
+
+
+def test_bad_pruning_variants_fail_before_training(tmp_path):
+  from toppax import evaluate
+  c = digits.get_config("runlocal")
+  c.pruning.keep_ratio = 1.5                 # pruning off, but compare=("dense", "top") uses it
+  with pytest.raises(ValueError, match=r"config.compare variant 'top': keep_ratio must be in"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert os.listdir(tmp_path) == []          # nothing trained, no config.json written
+  with pytest.raises(ValueError, match=r"config.compare variant 'top'"):
+    evaluate.run_eval(c, str(tmp_path))      # before "nothing to evaluate"
+  c = digits.get_config("runlocal")
+  c.pruning.enabled, c.pruning.layers, c.compare = True, (2, 9), ()
+  with pytest.raises(ValueError, match=r"config.pruning: pruning layers \[9\] are beyond"):
+    train.check_pruning(c)
+  c.compare = ("dense", "bogus")
+  c.pruning.layers = (2, 4)
+  with pytest.raises(ValueError, match=r"variant 'bogus': unknown pruning variant"):
+    train.check_pruning(c)
+
+
+def test_batch_sizes_are_checked_up_front_naming_the_field(tmp_path):
+  c = digits.get_config("runlocal")
+  c.eval_batch_size = 15
+  with pytest.raises(ValueError, match=r"config.eval_batch_size=15 is not divisible by the 2 "
+                                       r"devices.*multiple of 2 \(e.g. 14 or 16\)"):
+    train.check_config(c, _Mesh(2))
+  train.check_config(c, _Mesh(1))
+  c.batch_size = 0
+  with pytest.raises(ValueError, match=r"config.batch_size must be a positive integer, got 0"):
+    train.check_config(c, _Mesh(1))
+  with pytest.raises(ValueError, match=r"config.batch_size must be a positive integer"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_metric_writer_drops_rows_after_the_resumed_step(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9},
+          {"step": 4, "eval/top1": 0.5}, {"step": 6, "train/loss": 0.8}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "tra')  # torn line
+  w = train.MetricWriter(str(tmp_path), start_step=4)      # killed after checkpoint 4
+  w.write(6, {"train/loss": 0.7})
+  w.close()
+  got = [json.loads(l) for l in path.read_text().splitlines()]
+  assert got == rows[:3] + [{"step": 6, "train/loss": 0.7}]
+  # A finished run evaluated again: its eval rows at the last step are replaced, not repeated.
+  w = train.MetricWriter(str(tmp_path), start_step=6, rerun_eval=True)
+  w.close()
+  w = train.MetricWriter(str(tmp_path), start_step=4, rerun_eval=True)
+  w.write(4, {"eval/top1": 0.5})
+  w.close()
+  got = [json.loads(l) for l in path.read_text().splitlines()]
+  assert got == rows[:2] + [{"step": 4, "eval/top1": 0.5}]

@@ -39,7 +39,7 @@ def _eval_step(graphdef, mean, std, mesh):
 def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None) -> dict:
   """{"top1", "top5", "loss", "count"} over the eval source (all of it unless limited)."""
   step = _eval_step(graphdef, tuple(config.data.mean), tuple(config.data.std), mesh)
-  sharding.check_batch(config.eval_batch_size, mesh)
+  sharding.check_batch(config.eval_batch_size, mesh, name="config.eval_batch_size")
   totals = None
   n = num_examples or config.data.eval_examples or None
   for batch in input_pipeline.eval_batches(source, config, n):
@@ -144,6 +144,7 @@ def run_eval(config, workdir: str) -> dict:
   """``--mode=eval``: the latest checkpoint in ``workdir`` (else ``config.init_from``)."""
   from toppax import checkpointing, train
   mesh = sharding.make_mesh()
+  train.check_config(config, mesh, training=False)
   source = input_pipeline.make_source(config.data, "eval")
   defs = train.model_defs(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -151,7 +152,7 @@ def run_eval(config, workdir: str) -> dict:
   if ckpt is not None and ckpt.latest_step() is not None:
     # The optimizer's state shapes do not depend on the schedule: any one restores them.
     tx = train.make_optimizer(config, train.lr_schedule(config, 1, 1))
-    state, _ = ckpt.restore(train.abstract_state(config, defs, tx, mesh))
+    state, _ = ckpt.restore(train.abstract_state(config, defs, tx, mesh), config=config)
     params, rngs = train.eval_params(config, state), state["rngs"]
     logging.info("evaluating checkpoint step %d from %s", int(state["step"]), ckpt_dir)
   elif config.init_from:

@@ -333,6 +333,9 @@ class TrainPlan:
   process_count: int = 1
 
   def __post_init__(self):
+    if self.global_batch < 1:
+      raise ValueError(f"batch_size must be a positive integer, got {self.global_batch!r}: set "
+                       "config.batch_size")
     if self.global_batch % self.process_count:
       raise ValueError(f"batch_size {self.global_batch} is not divisible by the "
                        f"{self.process_count} processes")
@@ -437,6 +440,9 @@ def eval_plan(num_examples: int, global_batch: int, process_index=0, process_cou
 
   Every host runs the same number of steps; padded slots (index -1) get ``mask = 0``.
   """
+  if global_batch < 1:
+    raise ValueError(f"eval_batch_size must be a positive integer, got {global_batch!r}: set "
+                     "config.eval_batch_size")
   if global_batch % process_count:
     raise ValueError(f"eval_batch_size {global_batch} is not divisible by the "
                      f"{process_count} processes")

@@ -5,11 +5,14 @@ here; the work happens in importable functions (toppax.train, toppax.evaluate, t
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sys
 import tempfile
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 MODES = ("train", "eval", "bench", "flops", "convert", "study", "doctor")
@@ -18,31 +21,53 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/vim_s.py:top,res=224.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results; resumed when it holds "
-                    "checkpoints. Default: <tmp>/toppax/<config name and args>.")
+                    "checkpoints. Default: <tmp>/toppax/<config name and args>[-o<hash of the "
+                    "--config.* overrides>].")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.mark_flags_as_required(["config"])
 
 
-def default_workdir(config_arg: str) -> str:
-  """``configs/vim_s.py:top,res=384`` -> ``<tmp>/toppax/vim_s-top-res384``."""
+def default_workdir(config_arg: str, overrides=None) -> str:
+  """``configs/vim_s.py:top,res=384`` -> ``<tmp>/toppax/vim_s-top-res384``; with ``--config.*``
+  overrides (a flat ``{name: value}``) ``-o<hash>`` is appended, so that a changed setting never
+  resumes the workdir of another."""
   path, _, arg = config_arg.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   parts = [re.sub(r"[^A-Za-z0-9.]+", "", a) for a in arg.split(",")]
   name = "-".join([name] + [p for p in parts if p])
+  if overrides:
+    key = repr(sorted((k, repr(v)) for k, v in overrides.items()))
+    name += "-o" + hashlib.sha256(key.encode()).hexdigest()[:8]
   return os.path.join(tempfile.gettempdir(), "toppax", name)
+
+
+def config_spec(filename: str, raw: str) -> str:
+  """``path[:args]`` as given to --config. ``filename``: get_config_filename (``path`` in older
+  ml_collections, ``path:args`` in newer); ``raw``: the flag's value as given."""
+  if ":" in filename:
+    return filename
+  _, sep, arg = raw.partition(":")
+  return filename + sep + arg if sep else filename
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  if not isinstance(config, ml_collections.ConfigDict):   # ml_collections defers load errors
+    raise app.UsageError(f"could not load the config file of --config={_raw_config()}")
   # Imports after flag parsing, so that --help stays fast and XLA flags set by the caller apply.
   import jax
 
   from toppax import sharding
   sharding.maybe_initialize_distributed(config)
-  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"])
-                                             + _config_arg())
+  workdir = FLAGS.workdir
+  if not workdir:
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    workdir = default_workdir(
+        config_spec(config_flags.get_config_filename(FLAGS["config"]), _raw_config()), overrides)
+    logging.info("default workdir %s (config %s, --config.* overrides %s; --workdir sets "
+                 "another)", workdir, _raw_config(), overrides or "{}")
   logging.info("mode=%s workdir=%s", FLAGS.mode, workdir)
   print(f"workdir: {workdir}", flush=True)
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
@@ -74,16 +99,59 @@ def main(argv):
     doctor.run(config)
 
 
-def _config_arg() -> str:
-  # get_config_filename drops the ":arg" part; recover it from the raw flag value.
-  raw = FLAGS["config"].serialize().split("=", 1)[-1]
-  _, sep, arg = raw.partition(":")
-  return sep + arg if sep else ""
+def _raw_config() -> str:
+  return FLAGS["config"].serialize().split("=", 1)[-1]
+
+
+def _config_flag_value(argv):
+  """The last ``--config=VALUE`` / ``--config VALUE`` in argv (None when absent)."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    m = re.match(r"^--?config(=(.*))?$", arg)
+    if m:
+      value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def _fail(message: str):
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                   "Pass --helpshort or --helpfull to see help on flags.\n")
+  sys.exit(1)
+
+
+def prepare_config_file(path: str):
+  """Checks that the config file exists and puts the directory holding its package (the parent
+  of ``configs/``) first on sys.path, so that its ``from configs import common`` works from any
+  working directory."""
+  if not os.path.isfile(path):
+    _fail(f"--config: no config file {path!r} (cwd {os.getcwd()}); give a path relative to the "
+          "working directory or an absolute one, e.g. --config=configs/digits.py")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in [os.path.abspath(p or ".") for p in sys.path]:
+    sys.path.insert(0, root)
+
+
+def parse_flags(argv):
+  """absl ``flags_parser``: a short error for a missing or unloadable config file."""
+  try:
+    value = _config_flag_value(FLAGS.read_flags_from_files(argv, force_gnu=False))
+  except flags.Error:
+    value = None                      # reported by the parsing below
+  if value is None:
+    return app.parse_flags_with_usage(argv)
+  path = value.split(":", 1)[0]
+  prepare_config_file(path)
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (ImportError, SyntaxError, OSError) as e:
+    _fail(f"--config: cannot load {path!r}: {type(e).__name__}: {e}")
 
 
 def run_main():
   """Console script ``toppax`` (pyproject [project.scripts])."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,49 @@ def prune_config(config, variant: str | None = None) -> PruneConfig | None:
   return PruneConfig(**kw)
 
 
+def _depth_and_tokens(config) -> tuple[int | None, int | None]:
+  """(number of blocks, ViM sequence length) of ``config.model``, None where not known cheaply."""
+  name = config.model.name
+  if name.startswith("vim"):
+    from toppax.models import vim
+    keys = ("depth", "img_size", "patch_size")
+    try:
+      cfg = vim.config_for(name, **{k: config.model[k] for k in keys if config.model.get(k)})
+    except (KeyError, TypeError, ValueError):
+      return None, None  # the model's own constructor reports it, still before training
+    return cfg.depth, cfg.num_tokens
+  depth = config.model.get("num_layers")
+  return (depth if isinstance(depth, int) else None), None
+
+
+def check_pruning(config) -> None:
+  """Builds every pruning variant this run will use (``config.pruning`` when enabled, each of
+  ``config.compare``) and fails now, naming the field, rather than after training."""
+  variants = ([None] if config.pruning.enabled else []) + list(config.compare)
+  depth, n_tokens = _depth_and_tokens(config) if variants else (None, None)
+  for v in variants:
+    what = "config.pruning" if v is None else f"config.compare variant {v!r}"
+    try:
+      p = prune_config(config, v)
+      if p is not None and depth:
+        p.validate(depth)
+      if p is not None and n_tokens:
+        p.token_counts(n_tokens)
+    except ValueError as e:
+      fix = "config.pruning" if v is None else "config.pruning or drop it from config.compare"
+      raise ValueError(f"{what}: {e}. Fix {fix} (checked before training, which would "
+                       "otherwise fail only when this variant is built after it)") from e
+
+
+def check_config(config, mesh, *, training: bool = True) -> None:
+  """Fails fast on settings that would otherwise fail only after training: batch sizes (positive,
+  divisible by the mesh's devices) and the pruning variants."""
+  fields = ("batch_size", "eval_batch_size") if training else ("eval_batch_size",)
+  for field in fields:
+    sharding.check_batch(config[field], mesh, name=f"config.{field}")
+  check_pruning(config)
+
+
 def create_model(config, *, pruning="config", seed=None):
   from toppax import models
   pruning = prune_config(config) if pruning == "config" else pruning
@@ -172,7 +215,8 @@ def load_init_params(config, defs: ModelDefs, sharding_):
   from toppax import checkpointing
   if checkpointing.is_toppax_dir(config.init_from):
     params, what = checkpointing.load_params(config.init_from, defs.params,
-                                             use_ema=bool(config.eval_ema), sharding=sharding_)
+                                             use_ema=bool(config.eval_ema), sharding=sharding_,
+                                             config=config)
     logging.info("initialised from the %s", what)
     return params, fresh_rngs(config, sharding_)
   from toppax import convert
@@ -240,16 +284,23 @@ class MetricWriter:
   """TensorBoard events (tensorboardX: no TensorFlow needed) and ``metrics.jsonl``; process 0
   writes, the others drop everything (big_vision's BigVisionMetricWriter)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0, rerun_eval: bool = False):
+    """Continues a run at ``start_step`` (its checkpoint): rows of later steps, written by a run
+    killed after that checkpoint, are dropped (they are trained again), so each step is logged
+    once. ``rerun_eval``: the eval rows at ``start_step`` go too (evaluated again)."""
     self.active = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _truncate_metrics(path, start_step, rerun_eval)
+      self._jsonl = open(path, "a")
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # purge_step hides the killed run's events from the step after the checkpoint on.
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                 purge_step=start_step + 1)
       except ImportError:
         logging.warning("tensorboardX not installed: metrics go to metrics.jsonl only")
 
@@ -271,6 +322,35 @@ class MetricWriter:
       self._tb.close()
 
 
+def _truncate_metrics(path: str, start_step: int, rerun_eval: bool = False) -> None:
+  """Drops rows of steps after ``start_step`` (and, with ``rerun_eval``, eval rows at it) from
+  ``path``, atomically; a torn last line (killed mid-write) goes too."""
+  if not os.path.exists(path):
+    return
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        step = int(row["step"])
+      except (ValueError, KeyError, TypeError):
+        dropped += 1
+        continue
+      is_eval = all(k.startswith("eval") for k in row if k != "step")
+      if step > start_step or (rerun_eval and step == start_step and is_eval):
+        dropped += 1
+        continue
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if not dropped:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+  logging.info("metrics.jsonl: dropped %d row(s) after step %d (re-run from its checkpoint)",
+               dropped, start_step)
+
+
 def _check_finite(records, first_step):
   """Raise naming the step range when any loss or gradient norm is NaN/Inf."""
   for i, m in enumerate(records):
@@ -287,6 +367,34 @@ def _fmt_time(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+# Fields that may change when a run is resumed (length, evaluation, logging, host settings).
+RESUMABLE_FIELDS = ("total_steps", "num_epochs", "max_steps_per_run", "eval_batch_size",
+                    "eval_every_epochs", "eval_ema", "compare", "log_every", "checkpoint_every",
+                    "keep_checkpoints", "init_from", "multihost", "workdir", "bench", "study",
+                    "data.workers", "data.eval_examples", "data.eval_dir", "data.eval_split",
+                    "aug.eval_crop")
+
+
+def config_changes(config, workdir) -> list[str]:
+  """Dotted fields where ``config`` differs from ``workdir/config.json`` (the stored run),
+  ignoring RESUMABLE_FIELDS; [] when there is no stored config."""
+  from toppax import checkpointing
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      old = checkpointing.flat_config(json.load(f))
+  except (OSError, ValueError) as e:
+    logging.warning("could not read the stored %s (%s): not comparing configs", path, e)
+    return []
+  new = checkpointing.flat_config(json.loads(config.to_json_best_effort()))
+  def resumable(k):
+    return any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
+  return sorted(k for k in set(old) | set(new)
+                if not resumable(k) and old.get(k, "<absent>") != new.get(k, "<absent>"))
 
 
 def write_config(config, workdir):
@@ -308,9 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the final eval metrics (and, with ``config.compare``, the comparison rows).
   """
-  write_config(config, workdir)
   mesh = sharding.make_mesh()
-  sharding.check_batch(config.batch_size, mesh)
+  check_config(config, mesh)
   train_source = input_pipeline.make_source(config.data, "train")
   eval_source = input_pipeline.make_source(config.data, "eval")
   plan = input_pipeline.TrainPlan(len(train_source), config.batch_size,
@@ -328,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   meta_base = {"seed": config.seed, "model": config.model.to_dict(),
                "global_batch": config.batch_size}
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract_state(config, defs, tx, mesh))
+    state, meta = ckpt.restore(abstract_state(config, defs, tx, mesh), config=config)
     if meta.get("seed") != config.seed or meta.get("global_batch") != config.batch_size:
       raise checkpointing.CheckpointError(
           f"checkpoint in {ckpt.directory} was written with seed={meta.get('seed')}, "
@@ -336,12 +443,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"batch_size={config.batch_size}: resuming would change the data order. Use the "
           "original values or a new --workdir.")
     logging.info("resumed from step %d (%s)", int(state["step"]), ckpt.directory)
+    changed = config_changes(config, workdir)
+    if changed:
+      logging.warning("resuming %s with a config that differs from its stored config.json in: "
+                      "%s. Training continues from the checkpoint with the new values (and "
+                      "config.json records them); use a new --workdir for a run trained with "
+                      "them throughout.", workdir, ", ".join(changed))
   else:
     state = init_state(config, defs, tx, mesh)
+  # Only now, with the resume accepted: a refused run never overwrites the stored config.
+  write_config(config, workdir)
   start = int(jax.device_get(state["step"]))
+  if start >= n_steps:
+    logging.warning("training is already complete: the checkpoint is at step %d of %d; only "
+                    "evaluation runs (raise config.total_steps / num_epochs to train on)",
+                    start, n_steps)
   step_fn = make_train_step(config, defs, tx, schedule, mesh)
-  writer = MetricWriter(workdir)
   eval_every = int(config.eval_every_epochs * plan.steps_per_epoch)
+  # A run killed between a checkpoint at an eval step and the end of that eval lost the eval:
+  # a run resumed at such a step evaluates it again (its old rows, if any, are replaced).
+  eval_again = bool(eval_every) and 0 < start < n_steps and start % eval_every == 0
+  writer = MetricWriter(workdir, start, rerun_eval=start >= n_steps or eval_again)
+  if eval_again:
+    _log_eval(config, defs, state, eval_source, mesh, writer, start)
   stop = n_steps if not config.max_steps_per_run else min(n_steps, start + config.max_steps_per_run)
 
   pending, window_start, t_window, t_start_steps = [], start, None, None

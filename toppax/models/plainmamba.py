@@ -398,8 +398,11 @@ class PlainMamba(nnx.Module):
   def _grid_of(self, images) -> tuple[int, int]:
     cfg = self.cfg
     if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
+      nchw = images.ndim == 4 and images.shape[1] == cfg.in_channels
       raise ValueError(f"expected NHWC images (batch, H, W, {cfg.in_channels}), got "
-                       f"{tuple(images.shape)}")
+                       f"{tuple(images.shape)}"
+                       + ("; they look channels-first (NCHW): transpose them with "
+                          "x.transpose(0, 2, 3, 1)" if nchw else ""))
     return grid_for(cfg, (images.shape[1], images.shape[2]))
 
   def __call__(self, images, *, return_info: bool = False):

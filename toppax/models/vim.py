@@ -138,10 +138,18 @@ class VisionMamba(nnx.Module):
     cfg = self.cfg
     want = (cfg.img_size, cfg.img_size, cfg.channels)
     if images.ndim != 4 or tuple(images.shape[1:]) != want:
+      got = tuple(images.shape)
+      if images.ndim != 4:
+        fix = "pass a 4-D batch (batch, H, W, C)"
+      elif got[1] == cfg.channels and got[3] != cfg.channels:
+        fix = "the images look channels-first (NCHW): transpose them with x.transpose(0, 2, 3, 1)"
+      elif got[3] != cfg.channels:
+        fix = f"give the images {cfg.channels} channels"
+      else:
+        fix = f"resize the images or create the model with img_size={got[1]}"
       raise ValueError(
           f"expected NHWC images of shape (batch, {cfg.img_size}, {cfg.img_size}, {cfg.channels})"
-          f" for this model (img_size={cfg.img_size}), got {tuple(images.shape)}; resize the "
-          f"images or create the model with img_size={images.shape[1] if images.ndim == 4 else '?'}")
+          f" for this model (img_size={cfg.img_size}), got {got}; {fix}")
 
   def embed(self, images):
     cfg = self.cfg
