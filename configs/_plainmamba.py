@@ -77,5 +77,5 @@ def get_config(model_name, arg=None):
     common.smoke_run(c)
     if c.pruning.enabled:
       c.pruning.layers = (2,)
-      c.pruning.keep_ratio = (0.5,)
+      c.pruning.keep_ratio, c.pruning.keep_ratios = 0.5, ()
   return c

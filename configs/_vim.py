@@ -23,7 +23,7 @@ def get_config(model_name, arg=None):
   if a.bench and not variant:
     # --mode=bench's pruned variants use the paper's schedule of this model (off for training).
     paper = common.paper_pruning(model_name)
-    c.pruning.layers, c.pruning.keep_ratio = paper.layers, paper.keep_ratio
+    c.pruning.layers, c.pruning.keep_ratio = paper.layers, float(paper.keep_ratio)
   if a.runlocal:
     # A seconds-long smoke run on CPU: random-init model, tiny shapes, folder or tfds data.
     c.model.img_size = 32

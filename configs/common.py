@@ -46,10 +46,21 @@ def given(arg):
 
 def pruning(enabled=False, layers=(5, 10, 15), keep_ratio=0.8, importance="clip",
             alignment=True, cls_mode="keep_position", fused_token=False, gap_delta="prev"):
-  """``toppax.pruning.PruneConfig`` as plain fields (built by ``train.prune_config``)."""
+  """``toppax.pruning.PruneConfig`` as plain fields (built by ``train.prune_config``).
+
+  ``keep_ratio`` is one float for every pruning layer; ``keep_ratios``, when not empty, gives one
+  ratio per layer and wins (``--config.pruning.keep_ratios="(0.8,0.7,0.6)"``). Both fields always
+  exist so that either can be set from the command line (a flag keeps its field's type)."""
+  if isinstance(keep_ratio, (tuple, list)):
+    ratios = tuple(float(r) for r in keep_ratio)
+    uniform = len(set(ratios)) == 1
+    keep_ratio, keep_ratios = (ratios[0], ()) if uniform else (0.8, ratios)
+  else:
+    keep_ratio, keep_ratios = float(keep_ratio), ()
   return ml_collections.ConfigDict(dict(
-      enabled=enabled, layers=tuple(layers), keep_ratio=keep_ratio, importance=importance,
-      alignment=alignment, cls_mode=cls_mode, fused_token=fused_token, gap_delta=gap_delta))
+      enabled=enabled, layers=tuple(layers), keep_ratio=keep_ratio, keep_ratios=keep_ratios,
+      importance=importance, alignment=alignment, cls_mode=cls_mode, fused_token=fused_token,
+      gap_delta=gap_delta))
 
 
 def paper_pruning(model_name, variant="top"):

@@ -151,3 +151,16 @@ def test_digits_config_is_the_embedded_default():
   c = digits.get_config()
   assert c.data.source == "digits" and c.compare == ("dense", "top", "removal")
   assert "python -m toppax.main --config=configs/digits.py" in digits.__doc__
+
+
+def test_per_layer_keep_ratios_from_the_command_line():
+  r = _run("--config=configs/vim_s.py:top", "--config.pruning.keep_ratios=(0.9,0.7,0.5)",
+           "--mode=flops")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "keep (0.9, 0.7, 0.5)" in r.stdout and "| block 24 | 63 |" in r.stdout
+  # A uniform ratio stays a float field on every config, PlainMamba included.
+  for module in (vim_s, cifar10):
+    assert isinstance(module.get_config().pruning.keep_ratio, float)
+  from configs import plainmamba_l3
+  c = plainmamba_l3.get_config("top")
+  assert c.pruning.keep_ratio == 0.6 and c.pruning.keep_ratios == ()

@@ -183,3 +183,14 @@ def test_metric_writer_drops_rows_after_the_resumed_step(tmp_path):
   w.close()
   got = [json.loads(l) for l in path.read_text().splitlines()]
   assert got == rows[:2] + [{"step": 4, "eval/top1": 0.5}]
+
+
+def test_per_layer_keep_ratios_win_over_keep_ratio():
+  c = vim_s.get_config("top")
+  c.pruning.keep_ratios = (0.9, 0.7, 0.5)
+  p = train.prune_config(c)
+  assert p.ratios == (0.9, 0.7, 0.5) and p.token_counts(197) == [177, 125, 63]
+  assert train.prune_config(c, "removal").ratios == (0.9, 0.7, 0.5)
+  c.pruning.keep_ratios = (0.9, 0.7)           # two ratios for three layers: named, before training
+  with pytest.raises(ValueError, match=r"config.pruning: keep_ratio has 2 values for 3"):
+    train.check_pruning(c)

@@ -77,7 +77,7 @@ def _pruned(config, method, ratio, importance):
   if method == "dense":
     return _with(config, **{"pruning.enabled": False})
   return _with(config, **{"pruning.enabled": True, "pruning.keep_ratio": float(ratio),
-                          "pruning.importance": importance,
+                          "pruning.keep_ratios": (), "pruning.importance": importance,
                           "pruning.alignment": method == "top",
                           "pruning.fused_token": method == "evit"})
 

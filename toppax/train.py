@@ -52,7 +52,8 @@ def prune_config(config, variant: str | None = None) -> PruneConfig | None:
     variant = "config"
   if variant == "dense":
     return None
-  kw = dict(layers=tuple(p.layers), keep_ratio=p.keep_ratio, importance=p.importance,
+  per_layer = tuple(p.get("keep_ratios", ()) or ())
+  kw = dict(layers=tuple(p.layers), keep_ratio=per_layer or p.keep_ratio, importance=p.importance,
             alignment=p.alignment, cls_mode=p.cls_mode, fused_token=p.fused_token,
             gap_delta=p.gap_delta)
   if variant == "top":

@@ -99,6 +99,13 @@ def _field(obj, key, default=None):
   return getattr(obj, key, default)
 
 
+def _ratio(pruning):
+  """keep_ratio, or the config's per-layer ``keep_ratios`` where given (they win, as in
+  train.prune_config)."""
+  per_layer = _field(pruning, "keep_ratios", ()) or ()
+  return tuple(per_layer) if per_layer else _field(pruning, "keep_ratio", 1.0)
+
+
 def _schedule(pruning, depth: int):
   """(layers, ratios, alignment, fused) from any PruneConfig-like object, validated."""
   layers = _field(pruning, "layers", ()) or ()
@@ -107,7 +114,7 @@ def _schedule(pruning, depth: int):
   layers = tuple(int(l) for l in layers)
   alignment = bool(_field(pruning, "alignment", False))
   fused = bool(_field(pruning, "fused_token", False))
-  ratio = _field(pruning, "keep_ratio", 1.0)
+  ratio = _ratio(pruning)
   if isinstance(ratio, Sequence) and not isinstance(ratio, str):
     ratios = tuple(float(r) for r in ratio)
     if len(ratios) != len(layers):
@@ -285,7 +292,7 @@ def _describe(pruning) -> str:
   layers = tuple(_field(pruning, "layers", ()) or ())
   if not layers:
     return "dense"
-  ratio = _field(pruning, "keep_ratio", 1.0)
+  ratio = _ratio(pruning)
   extras = [n for n in ("alignment", "fused_token") if _field(pruning, n, False)]
   return f"pruned after {layers}, keep {ratio}" + (f", {' + '.join(extras)}" if extras else "")
 
@@ -326,7 +333,8 @@ def run(config: Any) -> str:
   if _field(data, "num_classes") is not None:
     overrides["num_classes"] = _field(data, "num_classes")
   pruning = config.get("pruning") if hasattr(config, "get") else getattr(config, "pruning", None)
-  if pruning is not None and (not _field(pruning, "enabled", True) or not _field(pruning, "layers", ())):
+  if pruning is not None and not (_field(pruning, "enabled", True)
+                                 and _field(pruning, "layers", ())):
     pruning = None
   table = format_table(_field(model, "name"), img_size, pruning, **overrides)
   print(table)
@@ -344,7 +352,8 @@ def main(argv=None) -> None:
                  help="the ToP paper's schedule (ViM: PruneConfig.paper; PlainMamba: "
                       "PLAINMAMBA_TOP_SCHEDULES), with alignment")
   p.add_argument("--layers", default="", help="prune after these blocks, e.g. 5,10,15")
-  p.add_argument("--keep", type=float, default=0.8, help="keep ratio with --layers")
+  p.add_argument("--keep", default="0.8",
+                 help="keep ratio with --layers: one for all, or one per layer (0.9,0.7,0.5)")
   p.add_argument("--no-alignment", action="store_true", help="plain removal: no decay counted")
   a = p.parse_args(argv)
   try:
@@ -358,10 +367,18 @@ def main(argv=None) -> None:
         from toppax.pruning import PruneConfig
         pruning = PruneConfig.paper(key, alignment=not a.no_alignment)
     elif a.layers:
-      layers = tuple(int(x) for x in a.layers.split(","))
-      if not 0.0 < a.keep <= 1.0:
-        raise ValueError(f"--keep must be in (0, 1], got {a.keep}")
-      pruning = dict(layers=layers, keep_ratio=a.keep, alignment=not a.no_alignment)
+      try:
+        layers = tuple(int(x) for x in a.layers.split(","))
+      except ValueError:
+        raise ValueError(f"--layers {a.layers!r}: give 1-based block numbers, comma-separated "
+                         "(5,10,15)") from None
+      try:
+        keep = tuple(float(x) for x in a.keep.split(","))
+      except ValueError:
+        raise ValueError(f"--keep {a.keep!r}: give a number in (0, 1] or one per layer, "
+                         "comma-separated") from None
+      pruning = dict(layers=layers, keep_ratio=keep[0] if len(keep) == 1 else keep,
+                     alignment=not a.no_alignment)
     print(format_table(key, a.img_size, pruning))
   except ValueError as e:
     p.error(str(e))
