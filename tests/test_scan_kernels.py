@@ -146,13 +146,15 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # partial sums), checkpoints every 4 or 3 steps, and checkpoint intervals walked in
 # sub-chunks of 2 (11 = 3 + 2 x 4: a partial head of 2 + 1) or 1 step, each recomputed from the
 # interval's checkpoint (the default sub-chunk of 2 does not divide ckpt_every=3, so that interval
-# goes whole); softplus by its log1p series (common.softplus_series).
+# goes whole); softplus by its log1p series (common.softplus_series); dB/dC partials summed by a
+# matrix-vector product (partial_sum="dot").
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
                                     dict(gpu_scan.DEFAULT_TUNING, bwd_num_warps=2, ckpt_every=3),
                                     dict(ckpt_every=4, bwd_chunk=2, bwd_maxnreg=168,
                                          softplus="series"),
-                                    dict(ckpt_every=3, bwd_chunk=1)])
+                                    dict(ckpt_every=3, bwd_chunk=1),
+                                    dict(gpu_scan.DEFAULT_TUNING, partial_sum="dot")])
 def test_gpu_forward_layouts_and_lookahead(tuning):
   length = 11
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 70, 4).items()}
@@ -171,6 +173,24 @@ def test_gpu_forward_layouts_and_lookahead(tuning):
       argnums=tuple(range(8)))(*args)
   for k, a, b in zip(KEYS, g_ref, g):
     assert _rel(b, a) < 1e-5, k
+
+
+@pytest.mark.parametrize("impl,tuning", [("pallas_gpu", dict(ckpt_evry=8)),
+                                         ("pallas_gpu", dict(lane_tile=128)),
+                                         ("pallas_tpu", dict(block_d=64))])
+def test_unknown_tuning_keys_are_refused(impl, tuning):
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 3, 8, 4).items()}
+  with pytest.raises(ValueError, match=f"{impl} tuning: unknown key.*{next(iter(tuning))}"):
+    ops._REGISTRY[impl]()(*[x[k] for k in KEYS], delta_softplus=True, reverse=False, gaps=None,
+                          gap_delta="prev", interpret=True, tuning=tuning)
+
+
+def test_bad_partial_sum_is_refused():
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 3, 8, 4).items()}
+  with pytest.raises(ValueError, match="partial_sum must be 'sum' or 'dot'"):
+    jax.grad(lambda u: ops._REGISTRY["pallas_gpu"]()(
+        u, *[x[k] for k in KEYS[1:]], delta_softplus=True, reverse=False, gaps=None,
+        gap_delta="prev", interpret=True, tuning=dict(partial_sum="gemv")).sum())(x["u"])
 
 
 @pytest.mark.parametrize("impl", IMPLS)

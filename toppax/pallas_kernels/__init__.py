@@ -10,13 +10,15 @@ from toppax.ssm import ops
 
 
 def _gpu():
-  from toppax.pallas_kernels import common, gpu_scan
-  return common.make_impl("gpu", ("gpu", "cuda"), gpu_scan.DEFAULT_TUNING)
+  from toppax.pallas_kernels import common, gpu_scan, mgpu_scan
+  # Tuning keys of both GPU kernels, and fwd_backend ("mosaic" or "triton" inference forward).
+  keys = {*gpu_scan.DEFAULT_TUNING, *mgpu_scan.DEFAULT_TUNING, "fwd_backend"}
+  return common.make_impl("gpu", ("gpu", "cuda"), gpu_scan.DEFAULT_TUNING, keys)
 
 
 def _tpu():
   from toppax.pallas_kernels import common, tpu_scan
-  return common.make_impl("tpu", ("tpu",), tpu_scan.DEFAULT_TUNING)
+  return common.make_impl("tpu", ("tpu",), tpu_scan.DEFAULT_TUNING, set(tpu_scan.DEFAULT_TUNING))
 
 
 ops.register("pallas_gpu", _gpu, platforms=("gpu", "cuda"))

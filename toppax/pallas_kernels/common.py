@@ -137,11 +137,18 @@ def _compiles(cfg, specs):
     return False
 
 
-def make_impl(backend: str, native_platforms: tuple[str, ...], default_tuning=()):
-  """The ``ops.ScanImpl`` callable for one backend, registered by ``toppax.pallas_kernels``."""
+def make_impl(backend: str, native_platforms: tuple[str, ...], default_tuning=(),
+              tuning_keys=None):
+  """The ``ops.ScanImpl`` callable for one backend, registered by ``toppax.pallas_kernels``.
+  ``tuning_keys``: the keys a ``tuning=`` dict may have (a misspelt key would otherwise be
+  ignored silently and the default timed under the variant's name)."""
 
   def impl(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, reverse, gaps, gap_delta,
            interpret, tuning=None, check_lowering=True):
+    unknown = sorted(set(tuning or ()) - set(tuning_keys)) if tuning_keys is not None else []
+    if unknown:
+      raise ValueError(f"pallas_{backend} tuning: unknown key(s) {unknown}; known: "
+                       f"{', '.join(sorted(tuning_keys))}")
     args = prepare(u, delta, A, B, C, D, z, delta_bias, gaps)
     cfg = ScanConfig(backend=backend, delta_softplus=bool(delta_softplus), reverse=bool(reverse),
                      gap_delta=None if gaps is None else gap_delta, has_z=z is not None,

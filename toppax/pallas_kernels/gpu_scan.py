@@ -71,7 +71,8 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # software-pipeline the loop's loads (2 and 3 measured no faster).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
-                      maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series")
+                      maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
+                      partial_sum="sum")
 BWD_SUB_CHUNK = 2                       # bwd_chunk None: this where it divides ckpt_every
 WIDE_CHANNELS = 65536
 
@@ -375,6 +376,20 @@ class _Warp:
       else:
         vals = [vals[0] + self.shfl_xor(vals[0], offset)]
     return vals
+
+
+def _sum_partials(dB_p, dC_p, how):
+  """dB and dC from the backward's per-warp partials (P, B, L, N): ``"sum"`` is XLA's reduction
+  of each; ``"dot"`` one fp32 matrix-vector product of both against ones (cuBLAS GEMV at full
+  fp32 precision, no TF32), timed against it by ``bench_scan --sweep``. Both are deterministic."""
+  if how == "sum":
+    return dB_p.sum(0), dC_p.sum(0)
+  if how != "dot":
+    raise ValueError(f"tuning partial_sum must be 'sum' or 'dot', got {how!r}")
+  both = jnp.stack([dB_p, dC_p], axis=1)               # (P, 2, B, L, N)
+  ones = jnp.ones((both.shape[0],), both.dtype)
+  out = jnp.einsum("p...,p->...", both, ones, precision=jax.lax.Precision.HIGHEST)
+  return out[0], out[1]
 
 
 def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
@@ -684,6 +699,7 @@ def backward(cfg, args, ckpt, dy):
   du, ddelta = outs.pop(0), outs.pop(0)
   dz = outs.pop(0) if cfg.has_z else None
   dB_p, dC_p, dA_p, dD_p, dbias_p = (outs.pop(0) for _ in range(5))
+  dB, dC = _sum_partials(dB_p, dC_p, cfg.tune("partial_sum", DEFAULT_TUNING["partial_sum"]))
   dbias = dbias_p.sum(0)
   if cfg.gap_delta == "bias":
     dtilde = outs.pop(0).sum(0)
@@ -692,8 +708,8 @@ def backward(cfg, args, ckpt, dy):
   return ScanArgs(
       u=du, delta=ddelta,
       A=dA_p.sum(0).T[:, :n_orig].astype(args.A.dtype),
-      B=dB_p.sum(0)[..., :n_orig].astype(args.B.dtype),
-      C=dC_p.sum(0)[..., :n_orig].astype(args.C.dtype),
+      B=dB[..., :n_orig].astype(args.B.dtype),
+      C=dC[..., :n_orig].astype(args.C.dtype),
       D=dD_p.sum(0).astype(args.D.dtype), z=dz,
       delta_bias=dbias.astype(args.delta_bias.dtype),
       gaps=None if args.gaps is None else jnp.zeros_like(args.gaps))

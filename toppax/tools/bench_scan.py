@@ -206,13 +206,15 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
 # per warp (one or four per thread), rows 1, 6 or 8 steps ahead, B/C 0 or 2 steps ahead, chunks
 # of 2 or 8 and Triton software pipelining (num_stages 2, 3); for the backward, two warps per
 # program, checkpoints every 2, 3, 6, 8, 16 or 32 steps, sub-chunks of 1, 2 or 4 and register
-# caps 160-200 (docs/benchmarks.md). The lists below keep the best few, and checkpoints every
-# 8 steps (half the checkpoint bytes, more recomputation), not yet measured.
+# caps 160-200 (docs/benchmarks.md). The lists below keep the best few, and two not yet
+# measured with the register cap: checkpoints every 8 steps (half the checkpoint bytes, more
+# recomputation) and the dB/dC partials summed by a GEMV instead of XLA's reductions.
 FWD_VARIANTS = [dict(block_d=64, num_warps=1, fwd_chunk=4, rows_ahead=r, bc_ahead=1)
                 for r in (2, 4)]
 BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
                 for k, c, r in [(4, 2, 168), (4, 2, 160), (2, 2, 168), (4, 4, None),
                                 (8, 2, 168), (8, 4, 168)]]
+BWD_VARIANTS.append(dict(BWD_VARIANTS[0], partial_sum="dot"))   # dB/dC partials by GEMV
 
 
 NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}   # the Pallas kernel each backend runs
