@@ -380,16 +380,15 @@ class _Warp:
 
 def _sum_partials(dB_p, dC_p, how):
   """dB and dC from the backward's per-warp partials (P, B, L, N): ``"sum"`` is XLA's reduction
-  of each; ``"dot"`` one fp32 matrix-vector product of both against ones (cuBLAS GEMV at full
-  fp32 precision, no TF32), timed against it by ``bench_scan --sweep``. Both are deterministic."""
+  of each; ``"dot"`` a matrix-vector product of each against ones (cuBLAS GEMV at full fp32
+  precision, no TF32), timed against it by ``bench_scan --sweep``. Both are deterministic."""
   if how == "sum":
     return dB_p.sum(0), dC_p.sum(0)
   if how != "dot":
     raise ValueError(f"tuning partial_sum must be 'sum' or 'dot', got {how!r}")
-  both = jnp.stack([dB_p, dC_p], axis=1)               # (P, 2, B, L, N)
-  ones = jnp.ones((both.shape[0],), both.dtype)
-  out = jnp.einsum("p...,p->...", both, ones, precision=jax.lax.Precision.HIGHEST)
-  return out[0], out[1]
+  ones = jnp.ones((dB_p.shape[0],), dB_p.dtype)
+  gemv = functools.partial(jnp.einsum, "p...,p->...", precision=jax.lax.Precision.HIGHEST)
+  return gemv(dB_p, ones), gemv(dC_p, ones)
 
 
 def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
