@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from toppax import train
 from toppax.models import create
 from toppax.models import plainmamba as pm
 from toppax.pruning import PruneConfig
@@ -345,11 +346,9 @@ def test_configs_build_the_model_and_the_top_schedule(variant):
   dense, top = module.get_config(), module.get_config("top")
   assert not dense.pruning.enabled and top.pruning.enabled and top.pruning.alignment
   assert tuple(dense.pruning.layers) == tuple(top.pruning.layers)  # for bench/compare variants
-  assert (tuple(top.pruning.layers), tuple(top.pruning.keep_ratio)) == tuple(
-      tuple(x) for x in PLAINMAMBA_TOP_SCHEDULES[name])
-  assert not module.get_config("removal").pruning.alignment
-  p = top.pruning
-  cfg = PruneConfig(layers=p.layers, keep_ratio=p.keep_ratio, alignment=p.alignment)
+  cfg = train.prune_config(top)
+  assert (cfg.layers, cfg.ratios) == tuple(tuple(x) for x in PLAINMAMBA_TOP_SCHEDULES[name])
+  assert cfg.alignment and not module.get_config("removal").pruning.alignment
   overrides = {k: v for k, v in top.model.items() if k != "name" and v is not None}
   model = nnx.eval_shape(lambda: create(top.model.name, pruning=cfg, **overrides))
   assert model.cfg.num_layers == {"l1": 24, "l2": 24, "l3": 36}[variant]
