@@ -24,6 +24,12 @@ def _run_on_host_devices(script, devices):
   return proc.stdout
 
 
+def _result(stdout):
+  """The JSON a script printed on its ``RESULT `` line."""
+  line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])
+
+
 SCRIPT = textwrap.dedent("""
   import json
   import jax, numpy as np
@@ -61,8 +67,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_eight_device_step_matches_one_device():
-  line = next(l for l in _run_on_host_devices(SCRIPT, 8).splitlines() if l.startswith("RESULT "))
-  r = json.loads(line[len("RESULT "):])
+  r = _result(_run_on_host_devices(SCRIPT, 8))
   assert r["devices"] == 8
   assert (r["shards_1"], r["shard_rows_1"]) == (1, 32)
   assert (r["shards_8"], r["shard_rows_8"]) == (8, 4)      # the batch really is split
@@ -147,9 +152,7 @@ def test_xla_scan_gradient_under_shard_map():
   # The "xla" scan's gradient inside shard_map on 2 host devices, at lengths where
   # lax.associative_scan would make empty arrays (9, 8, 157: see reference.zero_free_length).
   # jaxlib 0.11.2's SPMD partitioner segfaulted on those before the padding.
-  out = _run_on_host_devices(SCAN_SCRIPT, 2)
-  line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
-  diffs = json.loads(line[len("RESULT "):])
+  diffs = _result(_run_on_host_devices(SCAN_SCRIPT, 2))
   assert len(diffs) == 3
   for case, (du, da) in diffs.items():
     assert du < 1e-5 and da < 1e-4, (case, du, da)
@@ -197,9 +200,7 @@ def test_scan_under_shard_map_with_checked_varying_axes():
   # delta_bias) summed over it. The Triton-style GPU kernel cannot run here: jax's Pallas
   # interpreter itself fails on its dynamic Ref indexing under check_vma; its CUDA lowering
   # under check_vma is tested in test_scan_kernels.py.
-  out = _run_on_host_devices(VMA_SCRIPT, 2)
-  line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
-  errs = json.loads(line[len("RESULT "):])
+  errs = _result(_run_on_host_devices(VMA_SCRIPT, 2))
   assert set(errs) == {"reference", "xla", "pallas_tpu"}
   for impl, rel in errs.items():
     assert max(rel) < 1e-5, (impl, rel)
