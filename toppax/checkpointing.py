@@ -57,7 +57,7 @@ class CheckpointError(RuntimeError):
   """A checkpoint in the workdir is corrupt or does not match the config."""
 
 
-def _brief(e: BaseException, limit: int = 300) -> str:
+def brief_error(e: BaseException, limit: int = 300) -> str:
   """``Type: message`` of the innermost cause (orbax wraps TensorStore's precise error in a
   generic one), cut short: TensorStore messages embed whole multi-line specs."""
   for _ in range(8):
@@ -213,7 +213,7 @@ class Checkpointer:
       stored = self.manager.item_metadata(step)["state"]
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} is unreadable (corrupt or incomplete): "
-                            f"{_brief(e)}. {hint}") from e
+                            f"{brief_error(e)}. {hint}") from e
     if stored is None:
       raise CheckpointError(f"checkpoint {where} has no readable 'state' item (corrupt, "
                             f"incomplete or not a toppax checkpoint). {hint}")
@@ -232,7 +232,7 @@ class Checkpointer:
       jax.block_until_ready(state)
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} could not be restored (corrupt or incomplete): "
-                            f"{_brief(e)}. {hint}") from e
+                            f"{brief_error(e)}. {hint}") from e
     meta = out["meta"] or {}
     if meta.get("step", step) != step:
       raise CheckpointError(f"checkpoint {where} says step {meta.get('step')} in its metadata "
@@ -367,7 +367,7 @@ def load_params(path: str, abstract_params, *, use_ema: bool = True, sharding=No
               if source else "write it again with --mode=convert into a new --workdir")
       raise CheckpointError(
           f"converted parameters in {where} could not be read (corrupt or incomplete: "
-          f"{_brief(e)}): {redo}, or point config.init_from at a good checkpoint.") from None
+          f"{brief_error(e)}): {redo}, or point config.init_from at a good checkpoint.") from None
     params, what = out["params"], f"converted parameters in {where}"
     stored_cfg = {"model": meta["model"]} if meta.get("model") else None
     if stored_cfg and meta.get("num_classes") is not None:
@@ -396,7 +396,7 @@ def load_params(path: str, abstract_params, *, use_ema: bool = True, sharding=No
         earlier = [s for s in ck.manager.all_steps() if s < step]
         move = (f"; or move {where} away to start from step {max(earlier)}" if earlier else "")
         raise CheckpointError(
-            f"checkpoint {where} could not be restored (corrupt or incomplete: {_brief(e)}): "
+            f"checkpoint {where} could not be restored (corrupt or incomplete: {brief_error(e)}): "
             f"point config.init_from at a good checkpoint{move}.") from None
       stored_cfg = ck.stored_config(step)
     finally:

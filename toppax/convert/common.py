@@ -24,11 +24,6 @@ def _to_numpy(v) -> np.ndarray:
   return np.asarray(v)
 
 
-def _brief(e: BaseException, limit: int = 300) -> str:
-  msg = " ".join(str(e).split())
-  return f"{type(e).__name__}: {msg[:limit]}{' ...' if len(msg) > limit else ''}"
-
-
 def load_state_dict(source) -> dict[str, np.ndarray]:
   """A mapping of official key -> array (numpy or torch), or a path to a .pth/.pt/.npz file.
 
@@ -50,7 +45,8 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
         with np.load(path) as z:
           sd = {k: z[k] for k in z.files}
       except Exception as e:
-        raise ConversionError(f"could not read state dict {path!r} ({_brief(e)}): "
+        from toppax.checkpointing import brief_error
+        raise ConversionError(f"could not read state dict {path!r} ({brief_error(e)}): "
                               "it is truncated or not a numpy .npz; write it again with "
                               "np.savez(path, **state_dict) or pass the official .pth file"
                               ) from e
@@ -63,7 +59,8 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
       try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
       except Exception as e:
-        raise ConversionError(f"could not read checkpoint {path!r} ({_brief(e)}): "
+        from toppax.checkpointing import brief_error
+        raise ConversionError(f"could not read checkpoint {path!r} ({brief_error(e)}): "
                               "it is truncated or not a PyTorch checkpoint; download the "
                               "official .pth again (or pass a .npz state dict)") from e
       sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
