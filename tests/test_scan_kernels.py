@@ -147,14 +147,21 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # sub-chunks of 2 (11 = 3 + 2 x 4: a partial head of 2 + 1) or 1 step, each recomputed from the
 # interval's checkpoint (the default sub-chunk of 2 does not divide ckpt_every=3, so that interval
 # goes whole); softplus by its log1p series (common.softplus_series); dB/dC partials summed by a
-# matrix-vector product (partial_sum="dot").
+# matrix-vector product (partial_sum="dot"); B and C rows read as vectors of 4 states
+# (bc_load="tile", every reduce-scatter level then by selects since N = 4); earlier sub-chunks
+# restarted from the states kept by the interval's first pass (bwd_restart="kept"; with
+# sub-chunks of 1 and K = 3, two restarts per interval and a partial head of 2).
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
                                     dict(gpu_scan.DEFAULT_TUNING, bwd_num_warps=2, ckpt_every=3),
                                     dict(ckpt_every=4, bwd_chunk=2, bwd_maxnreg=168,
                                          softplus="series"),
                                     dict(ckpt_every=3, bwd_chunk=1),
-                                    dict(gpu_scan.DEFAULT_TUNING, partial_sum="dot")])
+                                    dict(gpu_scan.DEFAULT_TUNING, partial_sum="dot"),
+                                    dict(gpu_scan.DEFAULT_TUNING, bc_load="tile"),
+                                    dict(ckpt_every=4, bwd_chunk=2, bwd_restart="kept",
+                                         bc_load="tile"),
+                                    dict(ckpt_every=3, bwd_chunk=1, bwd_restart="kept")])
 def test_gpu_forward_layouts_and_lookahead(tuning):
   length = 11
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 70, 4).items()}
@@ -175,6 +182,54 @@ def test_gpu_forward_layouts_and_lookahead(tuning):
     assert _rel(b, a) < 1e-5, k
 
 
+# The backward's two ways of handing B_t, C_t to the lanes in their state order (gpu_scan
+# bc_load): shuffles, or vector loads of aligned groups of 4 states, with the group order's
+# reduce-scatter (select-free levels down to the group, selects below). State counts: 16 (ViM),
+# 3 (padded to 4: one group), 1 and 64 (more states than lanes: two sums per lane); two warps
+# per program give per-warp partials; one warp restarts sub-chunks from kept states.
+# N = 64 takes 2 minutes and 8 GB in interpret mode: slow.
+SLOW_64 = pytest.mark.slow
+
+
+@pytest.mark.parametrize("n,bc_load,warps", [(16, "tile", 1), (16, "shuffle", 2), (16, "tile", 2),
+                                             (3, "tile", 1), (1, "tile", 1),
+                                             pytest.param(64, "tile", 1, marks=SLOW_64),
+                                             pytest.param(64, "shuffle", 1, marks=SLOW_64)])
+def test_gpu_backward_state_orders(n, bc_load, warps):
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(7, 2, 6, 40, n).items()}
+  tuning = dict(gpu_scan.DEFAULT_TUNING, bc_load=bc_load, bwd_num_warps=warps,
+                bwd_restart="kept" if warps == 1 else "checkpoint")
+  fn = ops._REGISTRY["pallas_gpu"]()
+  run = lambda *a: fn(*a, delta_softplus=True, reverse=False, gaps=None, gap_delta="prev",
+                      interpret=True, tuning=tuning)
+  args = [x[k] for k in KEYS]
+  ct = jnp.asarray(np.random.default_rng(5).standard_normal(x["u"].shape), jnp.float32)
+  g = jax.grad(lambda *a: jnp.sum(run(*a) * ct), argnums=tuple(range(8)))(*args)
+  g_ref = jax.grad(lambda *a: jnp.sum(selective_scan(*a, implementation="reference") * ct),
+                   argnums=tuple(range(8)))(*args)
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert _rel(b, a) < 1e-5, k
+
+
+def test_group_order_reduce_scatter_sums_every_state():
+  # gpu_scan._Warp in interpret mode: for every state count and group size, lane L's k-th sum
+  # is the warp total of state k ^ state_order(m)[L], from registers in state_order(m, group).
+  warp = gpu_scan._Warp(True, 64)
+  rng = np.random.default_rng(0)
+  for m in (1, 2, 4, 8, 16, 32, 64):
+    for group in (1, 2, 4):
+      values = rng.standard_normal((m, 64)).astype(np.float32)      # state j on channel c
+      order = np.asarray(warp.state_order(m, group))
+      assert not np.any(order % group) or group > m
+      regs = [jnp.asarray(values[k ^ order, np.arange(64)]) for k in range(m)]
+      sums = warp.reduce_scatter(regs, group)
+      final = np.asarray(warp.state_order(m))
+      totals = values.reshape(m, 2, 32).sum(-1)                     # (state, warp)
+      for k, v in enumerate(sums):
+        want = totals[k ^ final, np.arange(64) // 32]
+        np.testing.assert_allclose(np.asarray(v), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl,tuning", [("pallas_gpu", dict(ckpt_evry=8)),
                                          ("pallas_gpu", dict(lane_tile=128)),
                                          ("pallas_tpu", dict(block_d=64))])
@@ -183,6 +238,15 @@ def test_unknown_tuning_keys_are_refused(impl, tuning):
   with pytest.raises(ValueError, match=f"{impl} tuning: unknown key.*{next(iter(tuning))}"):
     ops._REGISTRY[impl]()(*[x[k] for k in KEYS], delta_softplus=True, reverse=False, gaps=None,
                           gap_delta="prev", interpret=True, tuning=tuning)
+
+
+@pytest.mark.parametrize("key,value", [("bc_load", "vector"), ("bwd_restart", "state")])
+def test_bad_backward_options_are_refused(key, value):
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 3, 8, 4).items()}
+  with pytest.raises(ValueError, match=f"{key} must be"):
+    jax.grad(lambda u: ops._REGISTRY["pallas_gpu"]()(
+        u, *[x[k] for k in KEYS[1:]], delta_softplus=True, reverse=False, gaps=None,
+        gap_delta="prev", interpret=True, tuning={key: value}).sum())(x["u"])
 
 
 def test_bad_partial_sum_is_refused():

@@ -26,14 +26,18 @@ bound and need not be a power of two.
 Backward: the forward saves the fp32 state every K steps. The backward keeps the forward's
 layout, one channel per thread (32 per warp): per checkpoint interval of K steps, last to first,
 it walks sub-chunks of ``bwd_chunk`` steps (last first), recomputing each sub-chunk's states
-from the interval's checkpoint into registers, then runs the adjoint recurrence over them.
+into registers (from the interval's checkpoint, or with tuning ``bwd_restart="kept"`` from the
+first state of the sub-chunk kept by the interval's first pass), then runs the adjoint
+recurrence over them.
 Everything but dB and dC stays inside the thread; those two are sums over channels, done per
 step by a warp reduce-scatter (``_Warp``: each halving level keeps the lower half of the
 partial sums and ships the upper half by ``shfl.sync.bfly``; 15 shuffle-and-add steps plus one
 for 16 states, instead of 5 per state). The per-state registers are kept in each lane's state
 order (lane L holds state k ^ order[L]) so no level needs selects; B_t and C_t reach each lane
-by ``shfl.sync.idx`` with a per-lane source. Partials are written one per warp; dA, dD and
-d(delta_bias) per batch element; XLA sums the partials afterwards. This replaced an (N, BD)
+by ``shfl.sync.idx`` with a per-lane source (or, tuning ``bc_load="tile"``, the order moves
+whole groups of 4 states and each lane loads its row as 4-state vectors). Partials are
+written one per warp; dA, dD and d(delta_bias) per batch element; XLA sums the partials
+afterwards. This replaced an (N, BD)
 tile backward whose reductions went through shared memory and barriers (1.38 -> 1.10 ms
 forward+backward on an H100; 1.030-1.068 ms with the cap, sub-chunks and series softplus).
 No atomics: the gradients are bitwise deterministic.
@@ -68,11 +72,16 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # 1.249; sub-chunks of 1 + cap 168 1.155; K 2 + cap 168 1.088. maxnreg caps the forward (128:
 # slower). softplus "series" (common.softplus_series, 2 MUFU ops, no division) or "goldberg".
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
-# software-pipeline the loop's loads (2 and 3 measured no faster).
+# software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
+# and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
+# its earlier sub-chunks restart (_bwd_kernel); both "tile" and "kept" execute fewer
+# instructions (tools.kernel_sass) and await a GPU timing before they become the default.
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
-                      partial_sum="sum")
+                      partial_sum="sum", bc_load="shuffle",
+                      bwd_restart="checkpoint")
+TILE_GROUP = 4                          # bc_load "tile": states per vector load
 BWD_SUB_CHUNK = 2                       # bwd_chunk None: this where it divides ckpt_every
 WIDE_CHANNELS = 65536
 
@@ -339,43 +348,68 @@ class _Warp:
         constraints="=r,r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
-  def state_order(self, m):
+  def state_order(self, m, group=1):
     """The lane-dependent order of m per-state registers that makes ``reduce_scatter`` need no
     selects: lane L keeps state k ^ order[L] in its register k. order[L] has, for each halving
     level of the reduce-scatter (lane offset o, half h of the values still held), the bit h set
     when lane L has bit o set; so the registers a lane ships at a level (its upper half) hold
-    the states its partner keeps (the partner's lower half), and vice versa."""
+    the states its partner keeps (the partner's lower half), and vice versa. With ``group`` > 1
+    only the levels with h >= group contribute: the order then moves whole aligned groups of
+    ``group`` states and keeps each group's states in place (so a group loads as one vector),
+    and the levels below ``group`` pick their half by selects."""
     order, length = jnp.zeros_like(self.lane), m
     for offset in (16, 8, 4, 2, 1):
       if length > 1:
         length //= 2
-        order = order + jnp.where((self.lane & offset) != 0, length, 0)
+        if length >= group:
+          order = order + jnp.where((self.lane & offset) != 0, length, 0)
     return order
 
   @staticmethod
-  def permute(vals, order):
+  def permute(vals, order, group=1):
     """Register k of the result holds vals[k ^ order] (lane-dependent XOR of the index, by
-    selects one bit at a time; a permutation that is its own inverse)."""
-    bit = 1
+    selects one bit at a time; a permutation that is its own inverse). Bits of order below
+    ``group`` must be 0 (``state_order(m, group)``) and cost no selects."""
+    bit = group
     while bit < len(vals):
       flip = (order & bit) != 0
       vals = [jnp.where(flip, vals[k ^ bit], vals[k]) for k in range(len(vals))]
       bit *= 2
     return vals
 
-  def reduce_scatter(self, vals):
-    """Sums m (BD,) vectors, held in ``state_order(m)``, over the 32 lanes of each warp and
-    spreads the m sums over the lanes: returns a list whose entry k is, on lane L, the warp
-    total of state k ^ order[L]. Each halving level keeps the lower half of the list and ships
-    the upper half to the partner lane: m - 1 shuffles and adds for m values (plus one per
-    level left once a single value remains), and no selects."""
+  def reduce_scatter(self, vals, group=1):
+    """Sums m (BD,) vectors, held in ``state_order(m, group)``, over the 32 lanes of each warp
+    and spreads the m sums over the lanes: returns a list whose entry k is, on lane L, the warp
+    total of state k ^ state_order(m)[L]. Each halving level keeps the lower half of the list
+    and ships the upper half to the partner lane: m - 1 shuffles and adds for m values (plus
+    one per level left once a single value remains). Levels whose half is at least ``group``
+    need no selects; below it (group order) a lane keeps the half its lane bit names, by two
+    selects per shipped value."""
     for offset in (16, 8, 4, 2, 1):
       if len(vals) > 1:
         half = len(vals) // 2
-        vals = [vals[j] + self.shfl_xor(vals[j + half], offset) for j in range(half)]
+        if half >= group:
+          vals = [vals[j] + self.shfl_xor(vals[j + half], offset) for j in range(half)]
+        else:
+          upper = (self.lane & offset) != 0
+          keep = [jnp.where(upper, vals[j + half], vals[j]) for j in range(half)]
+          ship = [jnp.where(upper, vals[j], vals[j + half]) for j in range(half)]
+          vals = [k + self.shfl_xor(v, offset) for k, v in zip(keep, ship)]
       else:
         vals = [vals[0] + self.shfl_xor(vals[0], offset)]
     return vals
+
+
+def _columns(tile):
+  """The columns of a (BD, w) tile (w a power of two) as w (BD,) vectors, by halving splits
+  (Triton splits only a last axis of 2; each thread holds its row, so no data moves)."""
+  rows, width = tile.shape
+  if width == 1:
+    return [tile.reshape(rows)]
+  if width == 2:
+    return list(jnp.unstack(tile, axis=-1))
+  even, odd = jnp.unstack(tile.reshape(rows, width // 2, 2), axis=-1)
+  return [v for pair in zip(_columns(even), _columns(odd)) for v in pair]
 
 
 def _sum_partials(dB_p, dC_p, how):
@@ -418,12 +452,31 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   # Every per-state value of a lane (A, the checkpoints, the recomputed states, their adjoints,
   # dA) is kept in the warp's state order, so that the dB/dC reduce-scatter needs no selects
   # (SASS: 60 of about 600 instructions per step were selects); sums over states do not care.
-  order = warp.state_order(n)
-  a2 = warp.permute(a2, order)
+  # B_t and C_t reach each lane in that order in one of two ways (tuning bc_load):
+  # "shuffle": lane L loads entry L (one coalesced load per 32 states) and shfl.idx hands entry
+  # j ^ order to each lane (69 instead of 294 load instructions in the kernel's SASS; 1.097 vs
+  # 1.115 ms forward+backward, ViM-S, H100, separate runs: about even). "tile": the order moves
+  # only whole aligned groups of G = 4 states (state_order's group), so each lane loads its
+  # row as n / G vectors of G states (LDG.128 for fp32) with no shuffles; the reduce-scatter's
+  # two levels below G take 2 selects per shipped value instead (6 per reduce-scatter for 16
+  # states). Static SASS of the ViM-S backward (tools.kernel_sass, triton 3.6, sm_90, cap 168):
+  # 513 instructions per step with shuffles, 485 with tiles but 104 B more spilled (the 16 values
+  # of a row arrive at once); with bwd_restart "kept" 490 and 462. Not yet timed on a GPU.
+  restart = cfg.tune("bwd_restart", DEFAULT_TUNING["bwd_restart"])
+  if restart not in ("kept", "checkpoint"):
+    raise ValueError(f"tuning bwd_restart must be 'kept' or 'checkpoint', got {restart!r}")
+  restart_kept = restart == "kept"
+  bc_load = cfg.tune("bc_load", DEFAULT_TUNING["bc_load"])
+  if bc_load not in ("shuffle", "tile"):
+    raise ValueError(f"tuning bc_load must be 'shuffle' or 'tile', got {bc_load!r}")
+  group = min(TILE_GROUP, n) if bc_load == "tile" else 1
+  order = warp.state_order(n, group)    # register k of a lane holds state k ^ order
+  final = warp.state_order(n)           # the reduce-scatter's k-th sum is state k ^ final
+  a2 = warp.permute(a2, order, group)
 
   def put(ref, t, vals):
-    for k, v in enumerate(warp.reduce_scatter(vals)):
-      idx = order ^ k
+    for k, v in enumerate(warp.reduce_scatter(vals, group)):
+      idx = final ^ k
       if warps == 1:
         ref[t, idx] = v.astype(ref.dtype)
       else:
@@ -432,17 +485,21 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   def dt_of(dr):
     return fm.softplus(dr) if cfg.delta_softplus else dr
 
-  # B_t and C_t: lane L loads entry L (one coalesced load per 32 states) and shfl.idx hands
-  # entry j to the warp where it is used: 69 instead of 294 load instructions in the kernel's
-  # SASS, 1.097 vs 1.115 ms forward+backward (ViM-S, H100, separate runs: about even).
   nvec = -(-n // 32)
   state_idx = [jnp.minimum(warp.lane + 32 * k, n - 1) for k in range(nvec)]
+  cols = jnp.arange(group, dtype=jnp.int32)[None, :]
 
-  def load_state_row(ref, t):
-    return [ref[t, idx].astype(jnp.float32) for idx in state_idx]
+  def entries(ref, t):
+    """The row's entries in this lane's order: a function j -> state j ^ order."""
+    if bc_load == "tile":
+      vals = []
+      for m in range(n // group):
+        start = pl.multiple_of(order ^ (group * m), group)   # the hint makes one vector load
+        vals += _columns(ref[t, start[:, None] + cols].astype(jnp.float32))
+      return vals.__getitem__
+    vecs = [ref[t, idx].astype(jnp.float32) for idx in state_idx]
 
-  def entries(vecs):
-    def entry(j):                       # this lane's state j ^ order
+    def entry(j):
       src = order ^ j
       if nvec == 1:
         return warp.shfl_idx(vecs[0], src)
@@ -453,37 +510,36 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
       return out
     return entry
 
-  def chunk_bwd(base, steps, h, carry, skip=0):
-    """Steps base + skip ... base + skip + steps - 1 (scan order); h is the state before base."""
-    if prev_rule:
-      if isinstance(base, int) and base == 0:
-        prev = jnp.zeros((block_d,), jnp.float32)
-      else:
-        prev = dt_of(rows.load(r["delta"], t_of(jnp.maximum(base - 1, 0))) + bias)
-    hs, xs = [], []
-    for i in range(skip + steps):     # recompute the states from the checkpoint; keep the last
-      t = t_of(base + i)
-      x = dict(u=rows.load(r["u"], t), dr=rows.load(r["delta"], t) + bias)
-      x["dt"] = dt = dt_of(x["dr"])
-      dec = dt
-      if cfg.gap_delta is not None:
-        x["g"] = r["gaps"][t]
-        dec = dt + x["g"] * (prev if prev_rule else tilde)
-        prev = dt
-      x["dec"] = dec
-      dtu = dt * x["u"]
-      b = entries(load_state_row(r["B"], t))
-      h = [b(j) * dtu + fm.exp2(a2[j] * dec) * h[j] for j in range(n)]
-      if i >= skip:
-        hs.append(h)
-        xs.append(x)
+  def prev_before(base):
+    """The "prev" gap rule's Δ of the step before ``base`` (0 before the first step)."""
+    if isinstance(base, int) and base == 0:
+      return jnp.zeros((block_d,), jnp.float32)
+    return dt_of(rows.load(r["delta"], t_of(jnp.maximum(base - 1, 0))) + bias)
 
+  def advance(s, h, prev):
+    """Step s (scan order) from the state h before it: (its inputs x, the state after it)."""
+    t = t_of(s)
+    x = dict(u=rows.load(r["u"], t), dr=rows.load(r["delta"], t) + bias)
+    x["dt"] = dt = dt_of(x["dr"])
+    dec = dt
+    if cfg.gap_delta is not None:
+      x["g"] = r["gaps"][t]
+      dec = dt + x["g"] * (prev if prev_rule else tilde)
+    x["dec"] = dec
+    dtu = dt * x["u"]
+    b = entries(r["B"], t)
+    return x, [b(j) * dtu + fm.exp2(a2[j] * dec) * h[j] for j in range(n)]
+
+  def chunk_bwd(base, xs, hs, carry):
+    """The adjoint over steps base ... base + len(xs) - 1 (scan order), last first, from their
+    inputs xs and states hs (the state after each step)."""
+    steps = len(xs)
     dh, dA, gcarry, dD, dbias, dtilde = carry
     for i in reversed(range(steps)):
-      t = t_of(base + skip + i)
+      t = t_of(base + i)
       x, h = xs[i], hs[i]
       u, dt, dec = x["u"], x["dt"], x["dec"]
-      c_row = entries(load_state_row(r["C"], t))
+      c_row = entries(r["C"], t)
       c = [c_row(j) for j in range(n)]
       dout = rows.load(dy_ref, t)
       if cfg.has_z:
@@ -504,7 +560,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
       dbu = jnp.zeros_like(u)
       ddec = jnp.zeros_like(u)
       new_dh, new_dA = [], []
-      b_row = entries(load_state_row(r["B"], t))
+      b_row = entries(r["B"], t)
       for j in range(n):
         b = b_row(j)
         dbu = dbu + dh[j] * b
@@ -533,21 +589,52 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   head, full = length % chunk, length // chunk
 
   def interval(base, steps, h, carry):
-    # sub steps at a time, last first, each recomputed from the interval's checkpoint: only sub
-    # states are live (registers), for (K / sub + 1) / 2 times the recompute.
+    # sub steps at a time, last first: only sub states are live (registers). The first pass
+    # recomputes the whole interval from its checkpoint h and runs the adjoint over the last
+    # sub-chunk; each earlier sub-chunk then restarts from its first step's state and inputs,
+    # kept from that first pass (bwd_restart "kept": K + (K / sub - 1)(sub - 1) recomputed steps
+    # per K, 5 per 4 at K = 4, sub = 2), or from the checkpoint (bwd_restart "checkpoint":
+    # (K / sub + 1) / 2 times the recompute, 6 per 4).
+    if steps == 0:
+      return carry
     n_sub = -(-steps // sub)
-    for j in reversed(range(n_sub)):
-      carry = chunk_bwd(base, min(sub, steps - j * sub), h, carry, skip=j * sub)
+    h0 = h
+    prev = prev0 = prev_before(base) if prev_rule else None
+    kept, xs, hs = {}, [], []
+    for i in range(steps):
+      x, h = advance(base + i, h, prev)
+      prev = x["dt"]
+      if i // sub == n_sub - 1:
+        xs.append(x)
+        hs.append(h)
+      elif restart_kept and i % sub == 0:
+        kept[i // sub] = (x, h)
+    carry = chunk_bwd(base + (n_sub - 1) * sub, xs, hs, carry)
+    for j in reversed(range(n_sub - 1)):
+      if restart_kept:
+        x, h = kept[j]
+        xs, hs, prev, first = [x], [h], x["dt"], j * sub + 1
+      else:
+        h, prev, xs, hs, first = h0, prev0, [], [], j * sub
+        for i in range(j * sub):        # up to the sub-chunk from the checkpoint, discarded
+          x, h = advance(base + i, h, prev)
+          prev = x["dt"]
+      for i in range(first, (j + 1) * sub):
+        x, h = advance(base + i, h, prev)
+        prev = x["dt"]
+        xs.append(x)
+        hs.append(h)
+      carry = chunk_bwd(base + j * sub, xs, hs, carry)
     return carry
 
   def body(i, carry):
     c = full - 1 - i
-    ck = warp.permute([rows.load(ck_ref, (c, j)) for j in range(n)], order)
+    ck = warp.permute([rows.load(ck_ref, (c, j)) for j in range(n)], order, group)
     return interval(head + c * chunk, chunk, ck, carry)
 
   carry = jax.lax.fori_loop(0, full, body, carry)
   _, dA, _, dD, dbias, dtilde = interval(0, head, [zeros() for _ in range(n)], carry)
-  dA = warp.permute(dA, order)          # back to state j in entry j
+  dA = warp.permute(dA, order, group)   # back to state j in entry j
   for j in range(n):
     rows.store(dA_ref, dA[j], j)
   rows.store(dD_ref, dD)

@@ -215,6 +215,13 @@ BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
                 for k, c, r in [(4, 2, 168), (4, 2, 160), (2, 2, 168), (4, 4, None),
                                 (8, 2, 168), (8, 4, 168)]]
 BWD_VARIANTS.append(dict(BWD_VARIANTS[0], partial_sum="dot"))   # dB/dC partials by GEMV
+# B, C rows as vectors of 4 states (gpu_scan bc_load "tile"): fewer instructions, more
+# registers; earlier sub-chunks restarted from states kept by the first pass (bwd_restart
+# "kept"): 5 recomputed steps per 4 instead of 6, same registers.
+BWD_VARIANTS += [dict(BWD_VARIANTS[0], bc_load=b, bwd_restart=k, bwd_maxnreg=r, bwd_chunk=c)
+                 for b, k, r, c in [("shuffle", "kept", 168, 2), ("tile", "checkpoint", 168, 2),
+                                    ("tile", "kept", 168, 2), ("tile", "kept", 200, 2),
+                                    ("tile", "kept", None, 4)]]
 
 
 NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}   # the Pallas kernel each backend runs

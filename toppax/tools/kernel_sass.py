@@ -1,0 +1,223 @@
+"""Static instruction counts of the Triton-lowered scan kernels, without a GPU.
+
+  python -m toppax.tools.kernel_sass                      # ViM-S, fp32, gpu_scan.DEFAULT_TUNING
+  python -m toppax.tools.kernel_sass --tuning '{"bc_load": "tile"}' --sweep --out /tmp/sass
+
+Exports the ``pallas_gpu`` forward+backward for CUDA (as the CPU tests do), takes the Triton IR
+that Pallas hands to XLA for each kernel (the training forward and the backward), compiles it
+with the ``triton`` package for an sm_90 target and disassembles it with the ``cuobjdump`` that
+the triton wheel ships. It prints, per kernel: registers, stack bytes (register spills), the
+SASS instructions of the kernel and of its main loop (the largest backward branch), those per
+scan step (the loop walks ``ckpt_every`` steps), spill instructions (LDL/STL) and the most
+frequent opcodes. ``--sweep`` does this for ``bench_scan.BWD_VARIANTS``.
+
+Use it to compare variants with each other before a GPU is at hand: the kernels are issue-bound
+(docs/benchmarks.md), so fewer instructions per step is the first-order effect, but occupancy,
+latency and spills' memory traffic are not modelled, and timings come only from
+``bench_scan`` on a GPU. On jaxlib 0.10-0.11 XLA compiles these kernels with its own Triton
+build, so the counts are those of the ``triton`` release installed here (Nsight Compute counted
+about 25-30% more executed instructions than this loop count implies, for both kernels, in the
+sixth session); compare variants within one run of this tool. Needs ``pip install triton``
+(CPU wheels carry the compiler and ptxas; no GPU or CUDA toolkit).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import jax
+from jax import export
+import jax.numpy as jnp
+
+import toppax.pallas_kernels  # noqa: F401  registers pallas_gpu
+from toppax.pallas_kernels import gpu_scan
+from toppax.ssm import ops
+
+SHAPES = {"ViM-T": 384, "ViM-S": 768, "ViM-B": 1536}
+_TRITON_CALLS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
+
+
+def _triton():
+  try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+  except ImportError as e:
+    raise SystemExit(f"kernel_sass needs the triton package ({e}); pip install triton "
+                     "(its CPU wheel carries the compiler and ptxas)") from e
+  bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+  return triton, GPUTarget, bin_dir
+
+
+@contextlib.contextmanager
+def _captured_triton_ir():
+  """Collects {kernel name: Triton IR text} of the Pallas kernels lowered inside the block."""
+  from jax._src.pallas.triton import lowering
+  gpu_scan._RegisterCap.install()      # the cap wrapper first, so it stays underneath
+  original = lowering.lower_jaxpr_to_triton_module
+  modules = {}
+
+  def capture(jaxpr, *args, **kwargs):
+    result = original(jaxpr, *args, **kwargs)
+    modules[getattr(jaxpr.debug_info, "func_name", "kernel")] = str(result.module)
+    return result
+
+  lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    yield modules
+  finally:
+    lowering.lower_jaxpr_to_triton_module = original
+
+
+def _gpu_target():
+  """jax 0.11 lowers Pallas' Triton kernels for an abstract GPU when none is attached."""
+  abstract_device = getattr(jax.sharding, "AbstractDevice", None)
+  if abstract_device is None or jax.default_backend() == "gpu":
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      (1,), ("x",), abstract_device=abstract_device(device_kind="NVIDIA H100", num_cores=132,
+                                                   platform="gpu")))
+
+
+def triton_ir(tuning, dim=768, batch=128, length=197, n=16, dtype=jnp.float32, with_z=True):
+  """Triton IR of the training forward and the backward at one scan shape (ViM's options)."""
+  fn = ops._REGISTRY["pallas_gpu"]()
+
+  def grad(u, delta, A, B, C, D, z, bias):
+    def loss(*a):
+      return jnp.sum(fn(*a, delta_softplus=True, reverse=False, gaps=None, gap_delta=None,
+                        interpret=False, check_lowering=False, tuning=tuning).astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=tuple(range(8)))(u, delta, A, B, C, D, z, bias)
+
+  S = jax.ShapeDtypeStruct
+  seq = S((batch, length, dim), dtype)
+  args = [seq, seq, S((dim, n), jnp.float32), S((batch, length, n), dtype),
+          S((batch, length, n), dtype), S((dim,), jnp.float32), seq if with_z else None,
+          S((dim,), jnp.float32)]
+  disabled = [export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_CALLS]
+  with _captured_triton_ir() as modules, _gpu_target():
+    export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=disabled)(*args)
+  return dict(modules)
+
+
+def _loop(sass):
+  """The instructions of the largest loop (a backward branch's body) of a SASS listing."""
+  ins = [(int(m.group(1), 16), m.group(2).strip())
+         for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+  best = []
+  for addr, text in ins:
+    m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+    if m and int(m.group(1), 16) <= addr:
+      body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+      best = body if len(body) > len(best) else best
+  return ins, best
+
+
+def _opcode(text):
+  return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def count(name, ir, num_warps, steps_per_iteration, arch=90, workdir=None):
+  """Registers, spills and instruction counts of one kernel's Triton IR, compiled for sm_<arch>."""
+  triton, GPUTarget, bin_dir = _triton()
+  with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    path = os.path.join(tmp, f"{name}.ttir")
+    with open(path, "w") as f:
+      f.write(ir)
+    kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=num_warps, num_stages=1))
+    cubin = os.path.join(tmp, f"{name}.cubin")
+    with open(cubin, "wb") as f:
+      f.write(kernel.asm["cubin"])
+    dump = lambda *a: subprocess.run([os.path.join(bin_dir, "cuobjdump"), *a, cubin],
+                                     capture_output=True, text=True, check=True).stdout
+    usage, sass = dump("--dump-resource-usage"), dump("-sass")
+  regs, stack = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+  ins, loop = _loop(sass)
+  ops_ = collections.Counter(_opcode(t) for t in loop)
+  return dict(kernel=name, registers=regs, stack_bytes=stack, instructions=len(ins),
+              loop=len(loop), steps_per_loop=steps_per_iteration,
+              per_step=round(len(loop) / steps_per_iteration, 1),
+              spill_ops=ops_["LDL"] + ops_["STL"], opcodes=dict(ops_.most_common(16)))
+
+
+def analyse(tuning=None, shape="ViM-S", batch=128, dtype="float32", arch=90, states=16):
+  full = dict(gpu_scan.DEFAULT_TUNING, **(tuning or {}))
+  dim = SHAPES[shape]
+  modules = triton_ir(full, dim=dim, batch=batch, n=states, dtype=jnp.dtype(dtype))
+  rows = []
+  for name, ir in sorted(modules.items()):
+    backward = "bwd" in name
+    warps = full["bwd_num_warps"] if backward else full["num_warps"]
+    rows.append(dict(count(name, ir, warps, full["ckpt_every"], arch=arch),
+                     tuning=tuning or {}))
+  return rows
+
+
+def markdown(rows):
+  out = ["| tuning | kernel | registers | stack B | instructions | loop | per step | spill ops "
+         "| top opcodes in the loop |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+  for r in rows:
+    ops_ = ", ".join(f"{k} {v}" for k, v in list(r["opcodes"].items())[:8])
+    out.append(f"| `{json.dumps(r['tuning'], sort_keys=True)}` | {r['kernel']} | {r['registers']} "
+               f"| {r['stack_bytes']} | {r['instructions']} | {r['loop']} | {r['per_step']} "
+               f"| {r['spill_ops']} | {ops_} |")
+  return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--tuning", default="{}", help="JSON dict over gpu_scan.DEFAULT_TUNING")
+  p.add_argument("--sweep", action="store_true", help="also every bench_scan.BWD_VARIANTS entry")
+  p.add_argument("--shape", default="ViM-S", choices=sorted(SHAPES))
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--states", type=int, default=16, help="N, the SSM state size (ViM: 16)")
+  p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+  p.add_argument("--out", help="folder for kernel_sass.json and kernel_sass.md")
+  a = p.parse_args(argv)
+  try:
+    tuning = json.loads(a.tuning)
+  except json.JSONDecodeError as e:
+    p.error(f"--tuning is not JSON ({e}); e.g. --tuning '{{\"bc_load\": \"tile\"}}'")
+  if not isinstance(tuning, dict):
+    p.error("--tuning must be a JSON object of gpu_scan.DEFAULT_TUNING keys")
+  unknown = sorted(set(tuning) - set(gpu_scan.DEFAULT_TUNING))
+  if unknown:
+    p.error(f"--tuning: unknown keys {unknown}; known: {sorted(gpu_scan.DEFAULT_TUNING)}")
+  if a.states < 1 or a.batch < 1:
+    p.error("--states and --batch must be positive")
+  _triton()
+  variants = [tuning]
+  if a.sweep:
+    from toppax.tools.bench_scan import BWD_VARIANTS
+    variants += [dict(tuning, **v) for v in BWD_VARIANTS]
+  rows = []
+  for i, v in enumerate(variants):
+    print(f"[{i + 1}/{len(variants)}] {json.dumps(v, sort_keys=True)}", flush=True)
+    for r in analyse(v, a.shape, a.batch, a.dtype, a.arch, a.states):
+      rows.append(r)
+      print(f"    {r['kernel']}: {r['registers']} registers, {r['stack_bytes']} B stack, "
+            f"{r['per_step']} instructions per step ({r['loop']} per loop of "
+            f"{r['steps_per_loop']} steps), {r['spill_ops']} spill ops", flush=True)
+  table = markdown(rows)
+  print(table)
+  if a.out:
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "kernel_sass.json"), "w") as f:
+      json.dump(dict(shape=a.shape, batch=a.batch, states=a.states, dtype=a.dtype, arch=a.arch,
+                     jax=jax.__version__, triton=_triton()[0].__version__, rows=rows), f,
+                indent=1)
+    with open(os.path.join(a.out, "kernel_sass.md"), "w") as f:
+      f.write(f"# Static SASS counts ({a.shape}, batch {a.batch}, {a.dtype}, sm_{a.arch})\n\n"
+              + table)
+    print(f"wrote {a.out}/kernel_sass.json and kernel_sass.md")
+
+
+if __name__ == "__main__":
+  main()
