@@ -74,8 +74,8 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
-# its earlier sub-chunks restart (_bwd_kernel); both "tile" and "kept" execute fewer
-# instructions (tools.kernel_sass) and await a GPU timing before they become the default.
+# its earlier sub-chunks restart (_bwd_kernel); "tile" and "kept" execute fewer instructions
+# (tools.kernel_sass) but measured no faster on an H100 (tenth session), so the defaults stay.
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
@@ -460,8 +460,9 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   # row as n / G vectors of G states (LDG.128 for fp32) with no shuffles; the reduce-scatter's
   # two levels below G take 2 selects per shipped value instead (6 per reduce-scatter for 16
   # states). Static SASS of the ViM-S backward (tools.kernel_sass, triton 3.6, sm_90, cap 168):
-  # 513 instructions per step with shuffles, 485 with tiles but 104 B more spilled (the 16 values
-  # of a row arrive at once); with bwd_restart "kept" 490 and 462. Not yet timed on a GPU.
+  # 513 instructions per step with shuffles, 485 with tiles but 128 B more spilled (the 16 values
+  # of a row arrive at once); with bwd_restart "kept" 490 and 462. H100, fwd+bwd: shuffles
+  # 1.12-1.14 ms, tiles 1.30, kept 1.14-1.15, kept + tiles 1.15 (docs/benchmarks.md).
   restart = cfg.tune("bwd_restart", DEFAULT_TUNING["bwd_restart"])
   if restart not in ("kept", "checkpoint"):
     raise ValueError(f"tuning bwd_restart must be 'kept' or 'checkpoint', got {restart!r}")

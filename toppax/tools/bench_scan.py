@@ -205,23 +205,21 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
 # The sweeps that chose gpu_scan.DEFAULT_TUNING also tried, for the forward, 32 or 128 channels
 # per warp (one or four per thread), rows 1, 6 or 8 steps ahead, B/C 0 or 2 steps ahead, chunks
 # of 2 or 8 and Triton software pipelining (num_stages 2, 3); for the backward, two warps per
-# program, checkpoints every 2, 3, 6, 8, 16 or 32 steps, sub-chunks of 1, 2 or 4 and register
-# caps 160-200 (docs/benchmarks.md). The lists below keep the best few, and two not yet
-# measured with the register cap: checkpoints every 8 steps (half the checkpoint bytes, more
-# recomputation) and the dB/dC partials summed by a GEMV instead of XLA's reductions.
+# program, checkpoints every 2, 3, 6, 8, 16 or 32 steps, sub-chunks of 1, 2 or 4, register caps
+# 160-200, and (tenth session, H100) B/C rows as 4-state vectors without the restart below
+# (1.30 vs 1.12-1.14 ms: spills). Checkpoints every 8 steps under the cap were dropped unrun:
+# ptxas spends minutes on them, and tools.kernel_sass counts more instructions per step (532
+# and 632 vs 513) and 600 B of spills. The lists below keep the best few and the options a
+# new GPU or Triton may favour: dB/dC partials summed by a GEMV, sub-chunks restarted from
+# kept states (bwd_restart "kept": fewer instructions, same time on the H100), and that with
+# B/C as 4-state vectors (bc_load "tile": 1-2% slower on the H100).
 FWD_VARIANTS = [dict(block_d=64, num_warps=1, fwd_chunk=4, rows_ahead=r, bc_ahead=1)
                 for r in (2, 4)]
 BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
-                for k, c, r in [(4, 2, 168), (4, 2, 160), (2, 2, 168), (4, 4, None),
-                                (8, 2, 168), (8, 4, 168)]]
-BWD_VARIANTS.append(dict(BWD_VARIANTS[0], partial_sum="dot"))   # dB/dC partials by GEMV
-# B, C rows as vectors of 4 states (gpu_scan bc_load "tile"): fewer instructions, more
-# registers; earlier sub-chunks restarted from states kept by the first pass (bwd_restart
-# "kept"): 5 recomputed steps per 4 instead of 6, same registers.
-BWD_VARIANTS += [dict(BWD_VARIANTS[0], bc_load=b, bwd_restart=k, bwd_maxnreg=r, bwd_chunk=c)
-                 for b, k, r, c in [("shuffle", "kept", 168, 2), ("tile", "checkpoint", 168, 2),
-                                    ("tile", "kept", 168, 2), ("tile", "kept", 200, 2),
-                                    ("tile", "kept", None, 4)]]
+                for k, c, r in [(4, 2, 168), (4, 2, 160), (2, 2, 168), (4, 4, None)]]
+BWD_VARIANTS += [dict(BWD_VARIANTS[0], partial_sum="dot"),
+                 dict(BWD_VARIANTS[0], bwd_restart="kept"),
+                 dict(BWD_VARIANTS[0], bwd_restart="kept", bc_load="tile")]
 
 
 NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}   # the Pallas kernel each backend runs

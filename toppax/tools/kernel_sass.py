@@ -14,11 +14,12 @@ frequent opcodes. ``--sweep`` does this for ``bench_scan.BWD_VARIANTS``.
 Use it to compare variants with each other before a GPU is at hand: the kernels are issue-bound
 (docs/benchmarks.md), so fewer instructions per step is the first-order effect, but occupancy,
 latency and spills' memory traffic are not modelled, and timings come only from
-``bench_scan`` on a GPU. On jaxlib 0.10-0.11 XLA compiles these kernels with its own Triton
-build, so the counts are those of the ``triton`` release installed here (Nsight Compute counted
-about 25-30% more executed instructions than this loop count implies, for both kernels, in the
-sixth session); compare variants within one run of this tool. Needs ``pip install triton``
-(CPU wheels carry the compiler and ptxas; no GPU or CUDA toolkit).
+``bench_scan`` on a GPU (on an H100, variants with 4% and 10% fewer backward instructions
+were no faster: docs/benchmarks.md, tenth session). On jaxlib 0.10-0.11 XLA compiles these
+kernels with its own Triton build, so the counts are those of the ``triton`` release installed
+here (for the ViM-S training forward: 83.1 M instructions by this count, 103.1 M executed by
+Nsight Compute on an H100); compare variants within one run of this tool. Needs ``pip install
+triton`` (CPU wheels carry the compiler and ptxas; no GPU or CUDA toolkit).
 """
 from __future__ import annotations
 
