@@ -19,6 +19,7 @@ import pytest
 import toppax.pallas_kernels  # noqa: F401  registers pallas_gpu / pallas_tpu
 from toppax.pallas_kernels import gpu_scan
 from toppax.ssm import default_implementation, ops, selective_scan
+from toppax.tools import kernel_sass
 from tests import scan_utils
 
 IMPLS = ["pallas_gpu", "pallas_tpu"]
@@ -377,20 +378,9 @@ def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse,
   args = [seq, seq, S((d, n), jnp.float32), S((b, length, n), dtype), S((b, length, n), dtype),
           S((d,), jnp.float32), seq if with_z else None, S((d,), jnp.float32),
           S((b, length), jnp.int32)]
-  with _gpu_target() if platform == "cuda" else contextlib.nullcontext():
+  with kernel_sass.gpu_target() if platform == "cuda" else contextlib.nullcontext():
     exp = export.export(jax.jit(f), platforms=[platform], disabled_checks=disabled)(*args)
   return exp.mlir_module()
-
-
-def _gpu_target():
-  """On a machine without a GPU, jax 0.11's Triton lowering needs an abstract GPU device to
-  know what it compiles for (jax 0.10 assumed one); an H100 here."""
-  abstract_device = getattr(jax.sharding, "AbstractDevice", None)
-  if abstract_device is None or jax.default_backend() == "gpu":
-    return contextlib.nullcontext()
-  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=abstract_device(device_kind="NVIDIA H100", num_cores=132,
-                                                   platform="gpu")))
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)

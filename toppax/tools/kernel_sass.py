@@ -75,8 +75,9 @@ def _captured_triton_ir():
     lowering.lower_jaxpr_to_triton_module = original
 
 
-def _gpu_target():
-  """jax 0.11 lowers Pallas' Triton kernels for an abstract GPU when none is attached."""
+def gpu_target():
+  """On a machine without a GPU, jax 0.11's Triton lowering needs an abstract GPU device to
+  know what it compiles for (jax 0.10 assumed one): an H100 here (also used by the tests)."""
   abstract_device = getattr(jax.sharding, "AbstractDevice", None)
   if abstract_device is None or jax.default_backend() == "gpu":
     return contextlib.nullcontext()
@@ -101,7 +102,7 @@ def triton_ir(tuning, dim=768, batch=128, length=197, n=16, dtype=jnp.float32, w
           S((batch, length, n), dtype), S((dim,), jnp.float32), seq if with_z else None,
           S((dim,), jnp.float32)]
   disabled = [export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_CALLS]
-  with _captured_triton_ir() as modules, _gpu_target():
+  with _captured_triton_ir() as modules, gpu_target():
     export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=disabled)(*args)
   return dict(modules)
 
