@@ -132,7 +132,7 @@ def count(name, ir, num_warps, steps_per_iteration, arch=90, workdir=None):
     with open(path, "w") as f:
       f.write(ir)
     kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=num_warps, num_stages=1))
+                            options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=True))
     cubin = os.path.join(tmp, f"{name}.cubin")
     with open(cubin, "wb") as f:
       f.write(kernel.asm["cubin"])
