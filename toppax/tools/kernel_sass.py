@@ -131,6 +131,7 @@ def count(name, ir, num_warps, steps_per_iteration, arch=90, workdir=None):
     path = os.path.join(tmp, f"{name}.ttir")
     with open(path, "w") as f:
       f.write(ir)
+    # FP fusion (FFMA) on: Triton's default until 3.9, which warns that it will change.
     kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=True))
     cubin = os.path.join(tmp, f"{name}.cubin")
