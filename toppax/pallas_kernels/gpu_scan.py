@@ -531,6 +531,17 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
     b = entries(r["B"], t)
     return x, [b(j) * dtu + fm.exp2(a2[j] * dec) * h[j] for j in range(n)]
 
+  def walk(base, start, stop, h, prev):
+    """Steps base + start ... base + stop - 1 from the state h before the first: their inputs
+    and states."""
+    xs, hs = [], []
+    for i in range(start, stop):
+      x, h = advance(base + i, h, prev)
+      prev = x["dt"]
+      xs.append(x)
+      hs.append(h)
+    return xs, hs
+
   def chunk_bwd(base, xs, hs, carry):
     """The adjoint over steps base ... base + len(xs) - 1 (scan order), last first, from their
     inputs xs and states hs (the state after each step)."""
@@ -598,34 +609,17 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
     # (K / sub + 1) / 2 times the recompute, 6 per 4).
     if steps == 0:
       return carry
-    n_sub = -(-steps // sub)
-    h0 = h
-    prev = prev0 = prev_before(base) if prev_rule else None
-    kept, xs, hs = {}, [], []
-    for i in range(steps):
-      x, h = advance(base + i, h, prev)
-      prev = x["dt"]
-      if i // sub == n_sub - 1:
-        xs.append(x)
-        hs.append(h)
-      elif restart_kept and i % sub == 0:
-        kept[i // sub] = (x, h)
-    carry = chunk_bwd(base + (n_sub - 1) * sub, xs, hs, carry)
-    for j in reversed(range(n_sub - 1)):
-      if restart_kept:
-        x, h = kept[j]
-        xs, hs, prev, first = [x], [h], x["dt"], j * sub + 1
-      else:
-        h, prev, xs, hs, first = h0, prev0, [], [], j * sub
-        for i in range(j * sub):        # up to the sub-chunk from the checkpoint, discarded
-          x, h = advance(base + i, h, prev)
-          prev = x["dt"]
-      for i in range(first, (j + 1) * sub):
-        x, h = advance(base + i, h, prev)
-        prev = x["dt"]
-        xs.append(x)
-        hs.append(h)
-      carry = chunk_bwd(base + j * sub, xs, hs, carry)
+    prev0 = prev_before(base) if prev_rule else None
+    xs, hs = walk(base, 0, steps, h, prev0)
+    starts = list(range(0, steps, sub))
+    carry = chunk_bwd(base + starts[-1], xs[starts[-1]:], hs[starts[-1]:], carry)
+    for a in reversed(starts[:-1]):
+      if restart_kept:                  # from step a's inputs and state, kept by the first pass
+        more_x, more_h = walk(base, a + 1, a + sub, hs[a], xs[a]["dt"])
+        sub_x, sub_h = [xs[a]] + more_x, [hs[a]] + more_h
+      else:                             # from the checkpoint again, up to the sub-chunk's end
+        sub_x, sub_h = (v[a:] for v in walk(base, 0, a + sub, h, prev0))
+      carry = chunk_bwd(base + a, sub_x, sub_h, carry)
     return carry
 
   def body(i, carry):
