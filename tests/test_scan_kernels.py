@@ -7,6 +7,7 @@ them; together the cases cover reverse, both gap rules, D/z/delta_bias, no softp
 counts that are not a multiple of the block, multi-chunk and multi-tile lengths, and bf16.
 """
 import contextlib
+import functools
 import logging
 
 import jax
@@ -186,9 +187,9 @@ def test_gpu_forward_layouts_and_lookahead(tuning):
 # The backward's two ways of handing B_t, C_t to the lanes in their state order (gpu_scan
 # bc_load): shuffles, or vector loads of aligned groups of 4 states, with the group order's
 # reduce-scatter (select-free levels down to the group, selects below). State counts: 16 (ViM),
-# 3 (padded to 4: one group), 1 and 64 (more states than lanes: two sums per lane); two warps
-# per program give per-warp partials; one warp restarts sub-chunks from kept states.
-# N = 64 takes 2 minutes and 8 GB in interpret mode: slow.
+# 3 (padded to 4: one group), 1 and 64 (two programs of 32 states, the most one holds: the
+# reduce-scatter leaves one state per lane); two warps per program give per-warp partials; one
+# warp restarts sub-chunks from kept states. N = 64 is slow in interpret mode.
 SLOW_64 = pytest.mark.slow
 
 
@@ -199,7 +200,7 @@ SLOW_64 = pytest.mark.slow
 def test_gpu_backward_state_orders(n, bc_load, warps):
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(7, 2, 6, 40, n).items()}
   tuning = dict(gpu_scan.DEFAULT_TUNING, bc_load=bc_load, bwd_num_warps=warps,
-                bwd_restart="kept" if warps == 1 else "checkpoint")
+                bwd_restart="kept" if warps == 1 else "checkpoint", bwd_states=32)
   fn = ops._REGISTRY["pallas_gpu"]()
   run = lambda *a: fn(*a, delta_softplus=True, reverse=False, gaps=None, gap_delta="prev",
                       interpret=True, tuning=tuning)
@@ -210,6 +211,57 @@ def test_gpu_backward_state_orders(n, bc_load, warps):
                    argnums=tuple(range(8)))(*args)
   for k, a, b in zip(KEYS, g_ref, g):
     assert _rel(b, a) < 1e-5, k
+
+
+# More states than one program holds (gpu_scan tunings fwd_states / bwd_states, default 16):
+# the states split into groups, one program each; y, du, dΔ, dz, dD and the bias gradients are
+# summed over the groups (the D skip's terms counted once), and the backward reads checkpoints
+# the forward wrote with other groups. D = 40 is not a multiple of the 32-channel block (the
+# mask then reads the grid's second axis). N = 40 pads to 64: 4 groups each way.
+@pytest.mark.parametrize("n,fwd_states,bwd_states,reverse,gap_delta,dtype", [
+    (5, 4, 2, True, "bias", jnp.float32), (12, 16, 4, False, "prev", jnp.float32),
+    (7, 2, 8, False, "prev", jnp.bfloat16), (40, 16, 16, True, "prev", jnp.float32)])
+def test_gpu_state_groups(n, fwd_states, bwd_states, reverse, gap_delta, dtype):
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(9, 2, 9, 40, n).items()}
+  if dtype != jnp.float32:
+    x = {k: v.astype(dtype) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
+  gaps = jnp.asarray(np.random.default_rng(4).integers(0, 3, (2, 9)))
+  fn = ops._REGISTRY["pallas_gpu"]()
+  tuning = dict(gpu_scan.DEFAULT_TUNING, fwd_states=fwd_states, bwd_states=bwd_states)
+  args = [x[k] for k in KEYS]
+  ct = jnp.asarray(np.random.default_rng(5).standard_normal(x["u"].shape), jnp.float32)
+  kw = dict(delta_softplus=True, reverse=reverse, gaps=gaps, gap_delta=gap_delta)
+  y = fn(*args, **kw, interpret=True, tuning=tuning)           # the inference forward
+  y_ref = selective_scan(*args, **kw, implementation="reference")
+  assert y.dtype == y_ref.dtype
+  assert _rel(y.astype(jnp.float32), y_ref.astype(jnp.float32)) < (
+      1e-5 if dtype == jnp.float32 else 5e-3)
+
+  def loss(impl, *a):
+    kw = dict(interpret=True, tuning=tuning) if impl == "pallas_gpu" else {}
+    y = (fn if impl == "pallas_gpu" else functools.partial(selective_scan,
+                                                            implementation="reference"))(
+        *a, delta_softplus=True, reverse=reverse, gaps=gaps, gap_delta=gap_delta, **kw)
+    return jnp.sum(y.astype(jnp.float32) * ct)
+
+  g = jax.grad(functools.partial(loss, "pallas_gpu"), argnums=tuple(range(8)))(*args)
+  g_ref = jax.grad(functools.partial(loss, "reference"), argnums=tuple(range(8)))(*args)
+  tol = 1e-5 if dtype == jnp.float32 else 5e-3
+  for k, a, b in zip(KEYS, g_ref, g):
+    assert b.dtype == a.dtype, k
+    assert _rel(b.astype(jnp.float32), a.astype(jnp.float32)) < tol, k
+
+
+@pytest.mark.parametrize("key", ["fwd_states", "bwd_states"])
+def test_bad_state_groups_are_refused(key):
+  fn = ops._REGISTRY["pallas_gpu"]()
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 4, 8, 4).items()}
+  for bad in (0, 3, 64, True, "16"):
+    tuning = dict(gpu_scan.DEFAULT_TUNING, **{key: bad})
+    with pytest.raises(ValueError, match=key):
+      jax.grad(lambda u: jnp.sum(fn(u, *[x[k] for k in KEYS[1:]], delta_softplus=True,
+                                    reverse=False, gaps=None, gap_delta="prev", interpret=True,
+                                    tuning=tuning)))(x["u"])
 
 
 def test_group_order_reduce_scatter_sums_every_state():
@@ -538,9 +590,8 @@ def test_mosaic_forward_on_gpu(dtype, with_z, gap_delta, reverse, softplus):
   assert _rel(y_op, y) < 1e-6
 
 
-# More than 32 states: the GPU backward splits a warp's states over several vectors per lane
-# (N = 33 pads to 64: two per lane). Interpret mode on CPU needs over 20 GB for that path, so it
-# is checked on the GPU, against jax.grad of the lax.scan reference at "highest" precision.
+# More than 32 states, natively on the GPU (N = 33 pads to 64: four backward programs of 16
+# states), against jax.grad of the lax.scan reference at "highest" precision.
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [33, 64])
 def test_gpu_gradients_beyond_32_states(n):

@@ -37,7 +37,8 @@ order (lane L holds state k ^ order[L]) so no level needs selects; B_t and C_t r
 by ``shfl.sync.idx`` with a per-lane source (or, tuning ``bc_load="tile"``, the order moves
 whole groups of 4 states and each lane loads its row as 4-state vectors). Partials are
 written one per warp; dA, dD and d(delta_bias) per batch element; XLA sums the partials
-afterwards. This replaced an (N, BD)
+afterwards. More than ``bwd_states`` (16) states are split into groups, one program each; the
+sums over states (du, dΔ, dz) become per-group partials that XLA adds. This replaced an (N, BD)
 tile backward whose reductions went through shared memory and barriers (1.38 -> 1.10 ms
 forward+backward on an H100; 1.030-1.068 ms with the cap, sub-chunks and series softplus).
 No atomics: the gradients are bitwise deterministic.
@@ -76,11 +77,19 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
 # its earlier sub-chunks restart (_bwd_kernel); "tile" and "kept" execute fewer instructions
 # (tools.kernel_sass) but measured no faster on an H100 (tenth session), so the defaults stay.
+# fwd_states / bwd_states: states per forward / backward program (a power of two, at most 32);
+# more states split into groups of that many, one program each, whose partial y (forward) or
+# du/dΔ/dz (backward) XLA sums. The kernels' code grows with the states a program holds, and
+# Triton's TTGIR passes with it: at N = 64 in one program each, the N = 33 GPU test (padded to
+# 64) had not compiled after 7 minutes on an H100, and tools.kernel_sass spent over 8 CPU
+# minutes in the forward's TTGIR passes; at N = 32 the forward took about 6 minutes on the
+# 2-core CPU machine (247 registers). With groups of 16 both N = 33 and 64 compile and pass in
+# 80 s each on the H100; N <= 16 compiles to the same Triton IR as before the split.
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
                       partial_sum="sum", bc_load="shuffle",
-                      bwd_restart="checkpoint")
+                      bwd_restart="checkpoint", fwd_states=16, bwd_states=16)
 TILE_GROUP = 4                          # bc_load "tile": states per vector load
 BWD_SUB_CHUNK = 2                       # bwd_chunk None: this where it divides ckpt_every
 WIDE_CHANNELS = 65536
@@ -99,10 +108,10 @@ def _pow2(n):
 class _Rows:
   """Loads and stores of one (L, BD) channels-last block, masked where the block overhangs D."""
 
-  def __init__(self, block_d, dim):
+  def __init__(self, block_d, dim, axis=0):
     self.mask = None
-    if dim % block_d:
-      self.mask = pl.program_id(0) * block_d + jnp.arange(block_d) < dim
+    if dim % block_d:                   # grid axis ``axis`` walks the blocks of D
+      self.mask = pl.program_id(axis) * block_d + jnp.arange(block_d) < dim
 
   @staticmethod
   def _view(ref, t):
@@ -237,10 +246,12 @@ class _RegisterCap:
     cls.installed = True
 
 
-def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead):
+def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead, groups):
   """The forward with whole channels per thread: the state is n separate (BD,) vectors, so each
   thread holds all n states of its channels, C.h is summed inside the thread, and B_t, C_t enter
-  as scalars (uniform loads). No cross-lane work and no layout conversions."""
+  as scalars (uniform loads). No cross-lane work and no layout conversions. With ``groups`` > 1
+  the program runs one group of n states (grid axis 0) and writes its part of y (the gate is
+  linear in it; only group 0 adds the D skip)."""
   it = iter(refs)
   r = dict(u=next(it), delta=next(it))
   r["z"] = next(it) if cfg.has_z else None
@@ -250,9 +261,11 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead):
   y_ref = next(it)
   ck_ref = next(it) if save else None
 
-  rows = _Rows(block_d, dim)
+  rows = _Rows(block_d, dim, axis=1 if groups > 1 else 0)
   fm = _FastMath(cfg.interpret, cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series")
   a2, d_skip, bias, tilde = _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n)
+  if groups > 1:
+    d_skip = jnp.where(pl.program_id(0) == 0, d_skip, 0.0)
   t_of = _scan_order(cfg, length)
 
   # Software pipelining: the rows of step s + rows_ahead and the B, C scalars of step
@@ -425,11 +438,15 @@ def _sum_partials(dB_p, dC_p, how):
   return gemv(dB_p, ones), gemv(dC_p, ones)
 
 
-def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
+def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
   """The backward with one channel per thread (the forward's layout): the state, its adjoint
   and dA are n separate (BD,) vectors, B_t and C_t broadcast per state; only dB and dC cross
   lanes, through one warp reduce-scatter each per step. a_t h_{t-1} is taken as
-  h_t - B_t Δ_t u_t, so a chunk keeps K states, not K + 1."""
+  h_t - B_t Δ_t u_t, so a chunk keeps K states, not K + 1.
+
+  With ``groups`` > 1 the program handles one group of n states (grid axis 0) and du, Δ's
+  gradient, dz, dD and the bias gradients are this group's partials (``backward`` sums them):
+  every term of those is a sum over states, except the D skip's, which only group 0 adds."""
   it = iter(refs)
   r = dict(u=next(it), delta=next(it))
   r["z"] = next(it) if cfg.has_z else None
@@ -441,10 +458,12 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref = (next(it) for _ in range(5))
   dtilde_ref = next(it) if cfg.gap_delta == "bias" else None
 
-  rows = _Rows(block_d, dim)
+  rows = _Rows(block_d, dim, axis=1 if groups > 1 else 0)
   fm = _FastMath(cfg.interpret, cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series")
   warp = _Warp(cfg.interpret, block_d)
   a2, d_skip, bias, tilde = _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n)
+  if groups > 1:                        # the D skip's terms of du and dz: group 0 only
+    d_skip = jnp.where(pl.program_id(0) == 0, d_skip, 0.0)
   t_of = _scan_order(cfg, length)
   prev_rule = cfg.gap_delta == "prev"
   wid = jnp.arange(block_d, dtype=jnp.int32) // 32
@@ -486,8 +505,6 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
   def dt_of(dr):
     return fm.softplus(dr) if cfg.delta_softplus else dr
 
-  nvec = -(-n // 32)
-  state_idx = [jnp.minimum(warp.lane + 32 * k, n - 1) for k in range(nvec)]
   cols = jnp.arange(group, dtype=jnp.int32)[None, :]
 
   def entries(ref, t):
@@ -498,18 +515,8 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps):
         start = pl.multiple_of(order ^ (group * m), group)   # the hint makes one vector load
         vals += _columns(ref[t, start[:, None] + cols].astype(jnp.float32))
       return vals.__getitem__
-    vecs = [ref[t, idx].astype(jnp.float32) for idx in state_idx]
-
-    def entry(j):
-      src = order ^ j
-      if nvec == 1:
-        return warp.shfl_idx(vecs[0], src)
-      vals = [warp.shfl_idx(v, src & 31) for v in vecs]
-      out = vals[0]
-      for k in range(1, nvec):
-        out = jnp.where((src >> 5) == k, vals[k], out)
-      return out
-    return entry
+    vec = ref[t, jnp.minimum(warp.lane, n - 1)].astype(jnp.float32)   # lane L: state L
+    return lambda j: warp.shfl_idx(vec, order ^ j)
 
   def prev_before(base):
     """The "prev" gap rule's Δ of the step before ``base`` (0 before the first step)."""
@@ -651,15 +658,53 @@ def _padded_state(args):
   return at, B, C, n2
 
 
-def _common_specs(cfg, length, block_d, n):
-  seq = pl.BlockSpec((_SQUEEZED, length, block_d), lambda d, b: (b, 0, d))
-  state_in = pl.BlockSpec((_SQUEEZED, length, n), lambda d, b: (b, 0, 0))
-  specs = [seq, seq] + ([seq] if cfg.has_z else []) + [state_in, state_in]
-  if cfg.gap_delta is not None:
-    specs.append(pl.BlockSpec((_SQUEEZED, length), lambda d, b: (b, 0)))
-  vec = pl.BlockSpec((block_d,), lambda d, b: (d,))
-  specs += [pl.BlockSpec((n, block_d), lambda d, b: (0, d)), vec, vec]
-  return seq, vec, specs
+def _states(cfg, key, n):
+  """States per program for tuning ``key`` (fwd_states / bwd_states): all n (a power of two) up
+  to the tuning, else groups of that many, one program each. Returns (states, groups)."""
+  group = cfg.tune(key, DEFAULT_TUNING[key])
+  if isinstance(group, bool) or group not in (1, 2, 4, 8, 16, 32):
+    raise ValueError(f"tuning {key} must be a power of two from 1 to 32 (states per program; "
+                     f"the backward shares them out over a warp's 32 lanes), got {group!r}")
+  states = min(n, group)
+  return states, n // states            # both powers of two
+
+
+class _Grid:
+  """The grid and BlockSpecs of both kernels. Index maps are written over (d, b, g): block of
+  channels, batch element, state group. With state groups, g is the grid's first axis, so the
+  groups of one block of channels run next to each other and share its rows in L2."""
+
+  def __init__(self, cfg, length, block_d, n, n_d, batch, groups):
+    self.length, self.block_d, self.n, self.groups = length, block_d, n, groups
+    self.grid = (groups, n_d, batch) if groups > 1 else (n_d, batch)
+    self.seq = self.spec((_SQUEEZED, length, block_d), lambda d, b, g: (b, 0, d))
+    state_in = self.spec((_SQUEEZED, length, n), lambda d, b, g: (b, 0, g))
+    vec = self.spec((block_d,), lambda d, b, g: (d,))
+    self.in_specs = [self.seq, self.seq] + ([self.seq] if cfg.has_z else []) + [state_in] * 2
+    if cfg.gap_delta is not None:
+      self.in_specs.append(self.spec((_SQUEEZED, length), lambda d, b, g: (b, 0)))
+    self.in_specs += [self.spec((n, block_d), lambda d, b, g: (g, d)), vec, vec]
+
+  def spec(self, shape, f):
+    if self.groups > 1:
+      return pl.BlockSpec(shape, lambda g, d, b: f(d, b, g))
+    return pl.BlockSpec(shape, lambda d, b: f(d, b, 0))
+
+  def checkpoints(self, n_ck):
+    return self.spec((_SQUEEZED, n_ck, self.n, self.block_d), lambda d, b, g: (b, 0, g, d))
+
+  def seq_outputs(self, xs):
+    """Shapes and specs of outputs shaped like the (batch, L, D) arrays xs: the arrays
+    themselves, or with state groups one fp32 partial per group (``seq_sum`` adds them)."""
+    if self.groups == 1:
+      return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs], [self.seq] * len(xs)
+    spec = self.spec((_SQUEEZED, _SQUEEZED, self.length, self.block_d),
+                     lambda d, b, g: (g, b, 0, d))
+    return ([jax.ShapeDtypeStruct((self.groups,) + x.shape, jnp.float32) for x in xs],
+            [spec] * len(xs))
+
+  def seq_sum(self, out, like):
+    return out if self.groups == 1 else out.sum(0).astype(like.dtype)
 
 
 def _inputs(cfg, args, at, B, C):
@@ -682,26 +727,25 @@ def forward(cfg, args, save):
     if mgpu_scan is not None and mgpu_scan.usable(cfg, args):   # measured faster (docstring)
       return mgpu_scan.forward(cfg, args), None
   batch, length, dim = args.u.shape
-  at, B, C, n = _padded_state(args)
+  at, B, C, n_all = _padded_state(args)
+  n, groups = _states(cfg, "fwd_states", n_all)
   chunk = cfg.tune("ckpt_every", DEFAULT_TUNING["ckpt_every"]) if save else cfg.tune(
       "fwd_chunk", DEFAULT_TUNING["fwd_chunk"])
   wide = batch * dim >= WIDE_CHANNELS
   block_d = min(cfg.tune("block_d", None) or (64 if wide else 32), _pow2(dim))
   rows_ahead = cfg.tune("rows_ahead", None) or (2 if wide else 4)
-  grid = (pl.cdiv(dim, block_d), batch)
-  seq, _, in_specs = _common_specs(cfg, length, block_d, n)
-  out_shape = [jax.ShapeDtypeStruct(args.u.shape, args.u.dtype)]
-  out_specs = [seq]
+  grid = _Grid(cfg, length, block_d, n, pl.cdiv(dim, block_d), batch, groups)
+  out_shape, out_specs = grid.seq_outputs([args.u])
   if save:
     n_ck = max(length // chunk, 1)
-    out_shape.append(jax.ShapeDtypeStruct((batch, n_ck, n, dim), jnp.float32))
-    out_specs.append(pl.BlockSpec((_SQUEEZED, n_ck, n, block_d), lambda d, b: (b, 0, 0, d)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, n_ck, n_all, dim), jnp.float32))
+    out_specs.append(grid.checkpoints(n_ck))
   xs = _inputs(cfg, args, at, B, C)
-  elems = batch * length * dim * n
+  elems = batch * length * dim * n_all
   kernel = functools.partial(_fwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
-                             chunk=chunk, save=save, rows_ahead=rows_ahead)
+                             chunk=chunk, save=save, rows_ahead=rows_ahead, groups=groups)
   outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      kernel, grid=grid.grid, in_specs=grid.in_specs, out_specs=out_specs,
       out_shape=out_types(out_shape, args),
       interpret=cfg.interpret,
       name=_RegisterCap.name("selective_scan_fwd", cfg.tune("maxnreg", DEFAULT_TUNING["maxnreg"])),
@@ -709,50 +753,46 @@ def forward(cfg, args, save):
                                                          DEFAULT_TUNING["num_warps"]),
                                       num_stages=cfg.tune("num_stages",
                                                           DEFAULT_TUNING["num_stages"])),
-      cost_estimate=pl.CostEstimate(flops=7 * elems, transcendentals=elems + 2 * elems // n,
+      cost_estimate=pl.CostEstimate(flops=7 * elems, transcendentals=elems + 2 * elems // n_all,
                                     bytes_accessed=_nbytes(*xs, *out_shape)),
   )(*xs)
-  return outs[0], (outs[1] if save else None)
+  return grid.seq_sum(outs[0], args.u), (outs[1] if save else None)
 
 
 def backward(cfg, args, ckpt, dy):
   batch, length, dim = args.u.shape
   n_orig = args.A.shape[1]
-  at, B, C, n = _padded_state(args)
+  at, B, C, n_all = _padded_state(args)
+  n, groups = _states(cfg, "bwd_states", n_all)
   chunk = cfg.tune("ckpt_every", DEFAULT_TUNING["ckpt_every"])
-  # The checkpoints were written with the forward's block_d; any block_d reads them (D is the
-  # checkpoints' last axis), so the backward picks its own.
+  # The checkpoints were written with the forward's block_d and state groups; any block_d and
+  # groups read them (D is the checkpoints' last axis, N the one before), so the backward
+  # picks its own.
   warps = cfg.tune("bwd_num_warps", DEFAULT_TUNING["bwd_num_warps"])
   block_d = 32 * warps                  # one channel per thread: the shuffles need whole warps
   n_d = pl.cdiv(dim, block_d)
-  grid = (n_d, batch)
-  seq, vec, in_specs = _common_specs(cfg, length, block_d, n)
-  n_ck = ckpt.shape[1]
-  in_specs += [pl.BlockSpec((_SQUEEZED, n_ck, n, block_d), lambda d, b: (b, 0, 0, d)), seq]
+  grid = _Grid(cfg, length, block_d, n, n_d, batch, groups)
+  in_specs = grid.in_specs + [grid.checkpoints(ckpt.shape[1]), grid.seq]
   xs = _inputs(cfg, args, at, B, C) + [ckpt, dy]
 
-  f32 = jnp.float32
-  out_shape = [jax.ShapeDtypeStruct(args.u.shape, args.u.dtype),
-               jax.ShapeDtypeStruct(args.delta.shape, args.delta.dtype)]
-  out_specs = [seq, seq]
-  if cfg.has_z:
-    out_shape.append(jax.ShapeDtypeStruct(args.z.shape, args.z.dtype))
-    out_specs.append(seq)
+  f32, sq = jnp.float32, _SQUEEZED
+  seq_outs = [args.u, args.delta] + ([args.z] if cfg.has_z else [])   # du, dΔ (, dz)
+  out_shape, out_specs = grid.seq_outputs(seq_outs)
   n_part = n_d * warps                  # dB, dC: one partial sum per warp
-  if warps > 1:
-    part_seq = pl.BlockSpec((warps, _SQUEEZED, length, n), lambda d, b: (d, b, 0, 0))
-  else:
-    part_seq = pl.BlockSpec((_SQUEEZED, _SQUEEZED, length, n), lambda d, b: (d, b, 0, 0))
-  part_vec = pl.BlockSpec((_SQUEEZED, block_d), lambda d, b: (b, d))
-  out_shape += [jax.ShapeDtypeStruct((n_part, batch, length, n), f32)] * 2
+  part_seq = grid.spec((warps if warps > 1 else sq, sq, length, n), lambda d, b, g: (d, b, 0, g))
+  out_shape += [jax.ShapeDtypeStruct((n_part, batch, length, n_all), f32)] * 2
   out_specs += [part_seq, part_seq]
-  out_shape.append(jax.ShapeDtypeStruct((batch, n, dim), f32))
-  out_specs.append(pl.BlockSpec((_SQUEEZED, n, block_d), lambda d, b: (b, 0, d)))
-  n_vec = 3 if cfg.gap_delta == "bias" else 2
-  out_shape += [jax.ShapeDtypeStruct((batch, dim), f32)] * n_vec
-  out_specs += [part_vec] * n_vec
+  out_shape.append(jax.ShapeDtypeStruct((batch, n_all, dim), f32))
+  out_specs.append(grid.spec((sq, n, block_d), lambda d, b, g: (b, g, d)))
+  n_vec = 3 if cfg.gap_delta == "bias" else 2                     # dD, dbias (, dtilde)
+  if groups > 1:
+    out_shape += [jax.ShapeDtypeStruct((groups, batch, dim), f32)] * n_vec
+    out_specs += [grid.spec((sq, sq, block_d), lambda d, b, g: (g, b, d))] * n_vec
+  else:
+    out_shape += [jax.ShapeDtypeStruct((batch, dim), f32)] * n_vec
+    out_specs += [grid.spec((sq, block_d), lambda d, b, g: (b, d))] * n_vec
 
-  elems = batch * length * dim * n
+  elems = batch * length * dim * n_all
   sub = cfg.tune("bwd_chunk", DEFAULT_TUNING["bwd_chunk"])
   if sub is None:
     # The default sub-chunk applies where it divides the checkpoint interval; an
@@ -762,9 +802,9 @@ def backward(cfg, args, ckpt, dy):
           and chunk % sub == 0):
     raise ValueError(f"tuning bwd_chunk must divide ckpt_every = {chunk}, got {sub!r}")
   kernel = functools.partial(_bwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
-                             chunk=chunk, sub=sub, warps=warps)
+                             chunk=chunk, sub=sub, warps=warps, groups=groups)
   outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      kernel, grid=grid.grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_types(out_shape, args),
       interpret=cfg.interpret,
       name=_RegisterCap.name("selective_scan_bwd",
@@ -773,17 +813,26 @@ def backward(cfg, args, ckpt, dy):
                                                          DEFAULT_TUNING["bwd_num_warps"]),
                                       num_stages=cfg.tune("bwd_num_stages",
                                                           DEFAULT_TUNING["bwd_num_stages"])),
-      cost_estimate=pl.CostEstimate(flops=25 * elems, transcendentals=2 * elems + 4 * elems // n,
+      cost_estimate=pl.CostEstimate(flops=25 * elems,
+                                    transcendentals=2 * elems + 4 * elems // n_all,
                                     bytes_accessed=_nbytes(*xs, *out_shape)),
   )(*xs)
   outs = list(outs)
-  du, ddelta = outs.pop(0), outs.pop(0)
-  dz = outs.pop(0) if cfg.has_z else None
+  grads = [grid.seq_sum(outs.pop(0), x) for x in seq_outs]
+  du, ddelta = grads[0], grads[1]
+  dz = grads[2] if cfg.has_z else None
   dB_p, dC_p, dA_p, dD_p, dbias_p = (outs.pop(0) for _ in range(5))
+  dtilde_p = outs.pop(0) if cfg.gap_delta == "bias" else None
+  if groups > 1:
+    # Every group accumulates dD = Σ dy u (it needs no state); the bias gradients are sums of
+    # the groups' terms.
+    dD_p = dD_p[0]
+    dbias_p = dbias_p.sum(0)
+    dtilde_p = None if dtilde_p is None else dtilde_p.sum(0)
   dB, dC = _sum_partials(dB_p, dC_p, cfg.tune("partial_sum", DEFAULT_TUNING["partial_sum"]))
   dbias = dbias_p.sum(0)
-  if cfg.gap_delta == "bias":
-    dtilde = outs.pop(0).sum(0)
+  if dtilde_p is not None:
+    dtilde = dtilde_p.sum(0)
     bias = args.delta_bias.astype(f32)
     dbias = dbias + (dtilde * sigmoid(bias) if cfg.delta_softplus else dtilde)
   return ScanArgs(
