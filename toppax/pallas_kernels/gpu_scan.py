@@ -65,7 +65,9 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # program; each B/C scalar load serves both) and rows 2 steps ahead; below it one channel per
 # thread, so there are twice the programs to fill the GPU, and rows 4 ahead. Measured on an
 # H100 (docs/benchmarks.md), fp32/bf16 ms: ViM-S b128 (98,304 channels) 0.187/0.194 wide vs
-# 0.271/0.223 narrow; ViM-T b128 (49,152) 0.140/0.123 narrow vs 0.152/0.167 wide.
+# 0.271/0.223 narrow; ViM-T b128 (49,152) 0.140/0.123 narrow vs 0.152/0.167 wide. The training
+# forward (with checkpoints) takes the same layout: ViM-S fp32 fwd+bwd on an H100 (eleventh
+# session) 1.037 ms wide with rows 2 ahead (default), 1.133 narrow, 1.146 wide with rows 4 ahead.
 # Backward: checkpoints every ckpt_every = K steps, each interval recomputed and walked in
 # sub-chunks of bwd_chunk steps (None: 2 where it divides K, else K) under a bwd_maxnreg register
 # cap (None: ptxas' choice, 255). H100, ViM-S fp32 fwd+bwd ms: K 4 uncapped 1.105-1.145; cap 168
