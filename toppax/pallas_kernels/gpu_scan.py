@@ -86,7 +86,7 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # 64) had not compiled after 7 minutes on an H100, and tools.kernel_sass spent over 8 CPU
 # minutes in the forward's TTGIR passes; at N = 32 the forward took about 6 minutes on the
 # 2-core CPU machine (247 registers). With groups of 16 both N = 33 and 64 compile and pass in
-# 80 s each on the H100; N <= 16 compiles to the same Triton IR as before the split.
+# 80 s each on the H100; N <= 16 compiles as before the split (same SASS counts, kernel_sass).
 DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows_ahead=None,
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
@@ -144,15 +144,21 @@ def _scan_order(cfg, length):
   return (lambda s: length - 1 - s) if cfg.reverse else (lambda s: s)
 
 
-def _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n):
-  """Per-channel constants of both kernels: A log2(e) per state (ddec rescales by ln 2), the D
-  skip, delta_bias, and the "bias" gap rule's Δ̃ = softplus(delta_bias)."""
+def _kernel_setup(cfg, block_d, dim, groups, a_ref, d_ref, bias_ref, n):
+  """What both kernels start with: the row loader (with state groups, grid axis 1 walks D), the
+  fast math, and the per-channel constants: A log2(e) per state (ddec rescales by ln 2), the D
+  skip (with state groups only group 0, grid axis 0, adds its terms: the others get 0),
+  delta_bias, and the "bias" gap rule's Δ̃ = softplus(delta_bias)."""
+  rows = _Rows(block_d, dim, axis=1 if groups > 1 else 0)
+  fm = _FastMath(cfg.interpret, cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series")
   a2 = [rows.load(a_ref, i) * LOG2E for i in range(n)]
   d_skip, bias = rows.load(d_ref), rows.load(bias_ref)
+  if groups > 1:
+    d_skip = jnp.where(pl.program_id(0) == 0, d_skip, 0.0)
   tilde = None
   if cfg.gap_delta == "bias":
     tilde = fm.softplus(bias) if cfg.delta_softplus else bias
-  return a2, d_skip, bias, tilde
+  return rows, fm, a2, d_skip, bias, tilde
 
 
 class _FastMath:
@@ -263,11 +269,8 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead, gr
   y_ref = next(it)
   ck_ref = next(it) if save else None
 
-  rows = _Rows(block_d, dim, axis=1 if groups > 1 else 0)
-  fm = _FastMath(cfg.interpret, cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series")
-  a2, d_skip, bias, tilde = _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n)
-  if groups > 1:
-    d_skip = jnp.where(pl.program_id(0) == 0, d_skip, 0.0)
+  rows, fm, a2, d_skip, bias, tilde = _kernel_setup(cfg, block_d, dim, groups, a_ref, d_ref,
+                                                     bias_ref, n)
   t_of = _scan_order(cfg, length)
 
   # Software pipelining: the rows of step s + rows_ahead and the B, C scalars of step
@@ -460,12 +463,9 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
   dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref = (next(it) for _ in range(5))
   dtilde_ref = next(it) if cfg.gap_delta == "bias" else None
 
-  rows = _Rows(block_d, dim, axis=1 if groups > 1 else 0)
-  fm = _FastMath(cfg.interpret, cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series")
+  rows, fm, a2, d_skip, bias, tilde = _kernel_setup(cfg, block_d, dim, groups, a_ref, d_ref,
+                                                     bias_ref, n)
   warp = _Warp(cfg.interpret, block_d)
-  a2, d_skip, bias, tilde = _channel_consts(cfg, rows, fm, a_ref, d_ref, bias_ref, n)
-  if groups > 1:                        # the D skip's terms of du and dz: group 0 only
-    d_skip = jnp.where(pl.program_id(0) == 0, d_skip, 0.0)
   t_of = _scan_order(cfg, length)
   prev_rule = cfg.gap_delta == "prev"
   wid = jnp.arange(block_d, dtype=jnp.int32) // 32
@@ -695,17 +695,24 @@ class _Grid:
   def checkpoints(self, n_ck):
     return self.spec((_SQUEEZED, n_ck, self.n, self.block_d), lambda d, b, g: (b, 0, g, d))
 
-  def seq_outputs(self, xs):
-    """Shapes and specs of outputs shaped like the (batch, L, D) arrays xs: the arrays
-    themselves, or with state groups one fp32 partial per group (``seq_sum`` adds them)."""
+  def outputs(self, xs):
+    """Shapes and specs of per-channel outputs shaped like xs, (batch, ..., D) arrays or
+    ShapeDtypeStructs (a program writes its block of D): those, or with state groups one fp32
+    partial per group in front (``total`` adds them)."""
+    xs = list(xs)
+    if not xs:
+      return [], []
+    mid = xs[0].shape[1:-1]
+    assert all(x.shape[1:-1] == mid for x in xs)
+    block = (_SQUEEZED,) + mid + (self.block_d,)
+    at = lambda d, b: (b,) + (0,) * len(mid) + (d,)
     if self.groups == 1:
-      return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs], [self.seq] * len(xs)
-    spec = self.spec((_SQUEEZED, _SQUEEZED, self.length, self.block_d),
-                     lambda d, b, g: (g, b, 0, d))
+      return ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs],
+              [self.spec(block, lambda d, b, g: at(d, b))] * len(xs))
     return ([jax.ShapeDtypeStruct((self.groups,) + x.shape, jnp.float32) for x in xs],
-            [spec] * len(xs))
+            [self.spec((_SQUEEZED,) + block, lambda d, b, g: (g,) + at(d, b))] * len(xs))
 
-  def seq_sum(self, out, like):
+  def total(self, out, like):
     return out if self.groups == 1 else out.sum(0).astype(like.dtype)
 
 
@@ -737,7 +744,7 @@ def forward(cfg, args, save):
   block_d = min(cfg.tune("block_d", None) or (64 if wide else 32), _pow2(dim))
   rows_ahead = cfg.tune("rows_ahead", None) or (2 if wide else 4)
   grid = _Grid(cfg, length, block_d, n, pl.cdiv(dim, block_d), batch, groups)
-  out_shape, out_specs = grid.seq_outputs([args.u])
+  out_shape, out_specs = grid.outputs([args.u])
   if save:
     n_ck = max(length // chunk, 1)
     out_shape.append(jax.ShapeDtypeStruct((batch, n_ck, n_all, dim), jnp.float32))
@@ -758,7 +765,7 @@ def forward(cfg, args, save):
       cost_estimate=pl.CostEstimate(flops=7 * elems, transcendentals=elems + 2 * elems // n_all,
                                     bytes_accessed=_nbytes(*xs, *out_shape)),
   )(*xs)
-  return grid.seq_sum(outs[0], args.u), (outs[1] if save else None)
+  return grid.total(outs[0], args.u), (outs[1] if save else None)
 
 
 def backward(cfg, args, ckpt, dy):
@@ -779,7 +786,7 @@ def backward(cfg, args, ckpt, dy):
 
   f32, sq = jnp.float32, _SQUEEZED
   seq_outs = [args.u, args.delta] + ([args.z] if cfg.has_z else [])   # du, dΔ (, dz)
-  out_shape, out_specs = grid.seq_outputs(seq_outs)
+  out_shape, out_specs = grid.outputs(seq_outs)
   n_part = n_d * warps                  # dB, dC: one partial sum per warp
   part_seq = grid.spec((warps if warps > 1 else sq, sq, length, n), lambda d, b, g: (d, b, 0, g))
   out_shape += [jax.ShapeDtypeStruct((n_part, batch, length, n_all), f32)] * 2
@@ -787,12 +794,9 @@ def backward(cfg, args, ckpt, dy):
   out_shape.append(jax.ShapeDtypeStruct((batch, n_all, dim), f32))
   out_specs.append(grid.spec((sq, n, block_d), lambda d, b, g: (b, g, d)))
   n_vec = 3 if cfg.gap_delta == "bias" else 2                     # dD, dbias (, dtilde)
-  if groups > 1:
-    out_shape += [jax.ShapeDtypeStruct((groups, batch, dim), f32)] * n_vec
-    out_specs += [grid.spec((sq, sq, block_d), lambda d, b, g: (g, b, d))] * n_vec
-  else:
-    out_shape += [jax.ShapeDtypeStruct((batch, dim), f32)] * n_vec
-    out_specs += [grid.spec((sq, block_d), lambda d, b, g: (b, d))] * n_vec
+  vec_shape, vec_specs = grid.outputs([jax.ShapeDtypeStruct((batch, dim), f32)] * n_vec)
+  out_shape += vec_shape
+  out_specs += vec_specs
 
   elems = batch * length * dim * n_all
   sub = cfg.tune("bwd_chunk", DEFAULT_TUNING["bwd_chunk"])
@@ -820,17 +824,16 @@ def backward(cfg, args, ckpt, dy):
                                     bytes_accessed=_nbytes(*xs, *out_shape)),
   )(*xs)
   outs = list(outs)
-  grads = [grid.seq_sum(outs.pop(0), x) for x in seq_outs]
+  grads = [grid.total(outs.pop(0), x) for x in seq_outs]
   du, ddelta = grads[0], grads[1]
   dz = grads[2] if cfg.has_z else None
   dB_p, dC_p, dA_p, dD_p, dbias_p = (outs.pop(0) for _ in range(5))
   dtilde_p = outs.pop(0) if cfg.gap_delta == "bias" else None
-  if groups > 1:
-    # Every group accumulates dD = Σ dy u (it needs no state); the bias gradients are sums of
-    # the groups' terms.
-    dD_p = dD_p[0]
-    dbias_p = dbias_p.sum(0)
-    dtilde_p = None if dtilde_p is None else dtilde_p.sum(0)
+  # Every state group accumulates the same dD = Σ dy u (it needs no state): group 0's is taken.
+  # The bias gradients are sums of the groups' terms.
+  dD_p = dD_p[0] if groups > 1 else dD_p
+  dbias_p = grid.total(dbias_p, dbias_p)
+  dtilde_p = None if dtilde_p is None else grid.total(dtilde_p, dtilde_p)
   dB, dC = _sum_partials(dB_p, dC_p, cfg.tune("partial_sum", DEFAULT_TUNING["partial_sum"]))
   dbias = dbias_p.sum(0)
   if dtilde_p is not None:
