@@ -191,11 +191,27 @@ class _FastMath:
 
   def softplus(self, x):
     if self.series:
-      return softplus_series(x, self.exp2, self.log2)
+      return softplus_series(x, self.exp2, self.log2, self.fma)
     return softplus_from_exp2(x, self.exp2, self.log2, lambda a, b: a * self.rcp(b))
 
   def sigmoid(self, x):
     return self.rcp(1.0 + self.exp2(x * -LOG2E))
+
+  def fma(self, a, b, c):
+    """a b + c with one rounding (PTX ``fma.rn.f32``; operands broadcast). XLA compiles these
+    kernels (custom call ``__gpu$xla.gpu.triton``) with floating-point contraction off, so a
+    jnp ``a * b + c`` stays an FMUL and an FADD: Nsight Compute found no FFMA at all in either
+    kernel on an H100 (ViM-S backward 407.5 M warp instructions, 159.8 M of them FMUL and
+    103.1 M FADD), and ``tools.kernel_sass`` compiles the same SASS (3544 instructions in the
+    backward) only with Triton's ``enable_fp_fusion`` off. The hot multiply-adds are written
+    with this instead."""
+    if self.interpret:
+      return a * b + c
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+    args = [jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in (a, b, c)]
+    return pltriton.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=r,r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0]
 
 
 class _RegisterCap:
@@ -297,14 +313,14 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead, gr
     dt = fm.softplus(x["dr"]) if cfg.delta_softplus else x["dr"]
     dec = dt
     if cfg.gap_delta is not None:
-      dec = dt + x["g"] * (prev if cfg.gap_delta == "prev" else tilde)
+      dec = fm.fma(x["g"], prev if cfg.gap_delta == "prev" else tilde, dt)
     dtu = dt * x["u"]
     y = d_skip * x["u"]
     new = []
     for i in range(n):
-      # b dtu + a h: the multiply fused into the FMA is the one on the loop-carried path.
-      h = b[i] * dtu + fm.exp2(a2[i] * dec) * hs[i]
-      y = y + c[i] * h
+      # a h + b dtu: the multiply fused into the FMA is the one on the loop-carried path.
+      h = fm.fma(fm.exp2(a2[i] * dec), hs[i], b[i] * dtu)
+      y = fm.fma(c[i], h, y)
       new.append(h)
     if cfg.has_z:
       z = x["z"]
@@ -534,11 +550,11 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
     dec = dt
     if cfg.gap_delta is not None:
       x["g"] = r["gaps"][t]
-      dec = dt + x["g"] * (prev if prev_rule else tilde)
+      dec = fm.fma(x["g"], prev if prev_rule else tilde, dt)
     x["dec"] = dec
     dtu = dt * x["u"]
     b = entries(r["B"], t)
-    return x, [b(j) * dtu + fm.exp2(a2[j] * dec) * h[j] for j in range(n)]
+    return x, [fm.fma(fm.exp2(a2[j] * dec), h[j], b(j) * dtu) for j in range(n)]
 
   def walk(base, start, stop, h, prev):
     """Steps base + start ... base + stop - 1 from the state h before the first: their inputs
@@ -568,39 +584,40 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
         sz = fm.sigmoid(z)
         y_pre = d_skip * u
         for j in range(n):
-          y_pre = y_pre + c[j] * h[j]
-        rows.store(dz_ref, dout * y_pre * sz * (1.0 + z * (1.0 - sz)), t)
+          y_pre = fm.fma(c[j], h[j], y_pre)
+        rows.store(dz_ref, dout * y_pre * sz * fm.fma(z, 1.0 - sz, 1.0), t)
         dy = dout * z * sz
       else:
         dy = dout
-      dD = dD + dy * u
+      dD = fm.fma(dy, u, dD)
       put(dC_ref, t, [h[j] * dy for j in range(n)])
-      dh = [dh[j] + c[j] * dy for j in range(n)]
+      dh = [fm.fma(c[j], dy, dh[j]) for j in range(n)]
       dtu = dt * u
       put(dB_ref, t, [dh[j] * dtu for j in range(n)])
+      neg_dtu = -dtu
       dbu = jnp.zeros_like(u)
       ddec = jnp.zeros_like(u)
       new_dh, new_dA = [], []
       b_row = entries(r["B"], t)
       for j in range(n):
         b = b_row(j)
-        dbu = dbu + dh[j] * b
+        dbu = fm.fma(dh[j], b, dbu)
         a = fm.exp2(a2[j] * dec)
-        da = dh[j] * (h[j] - b * dtu)           # dh_t a_t h_{t-1}
-        new_dA.append(dA[j] + da * dec)
-        ddec = ddec + da * a2[j]
+        da = dh[j] * fm.fma(b, neg_dtu, h[j])   # dh_t a_t h_{t-1}
+        new_dA.append(fm.fma(da, dec, dA[j]))
+        ddec = fm.fma(da, a2[j], ddec)
         new_dh.append(a * dh[j])
       dh, dA = new_dh, new_dA
       ddec = ddec * LN2
-      ddt = dbu * u + ddec
+      ddt = fm.fma(dbu, u, ddec)
       if prev_rule:
         ddt = ddt + gcarry
         gcarry = x["g"] * ddec
       elif cfg.gap_delta == "bias":
-        dtilde = dtilde + x["g"] * ddec
+        dtilde = fm.fma(x["g"], ddec, dtilde)
       ddr = ddt * fm.sigmoid(x["dr"]) if cfg.delta_softplus else ddt
       dbias = dbias + ddr
-      rows.store(du_ref, dy * d_skip + dbu * dt, t)
+      rows.store(du_ref, fm.fma(dbu, dt, dy * d_skip), t)
       rows.store(ddelta_ref, ddr, t)
     return dh, dA, gcarry, dD, dbias, dtilde
 
