@@ -40,7 +40,8 @@ written one per warp; dA, dD and d(delta_bias) per batch element; XLA sums the p
 afterwards. More than ``bwd_states`` (16) states are split into groups, one program each; the
 sums over states (du, dΔ, dz) become per-group partials that XLA adds. This replaced an (N, BD)
 tile backward whose reductions went through shared memory and barriers (1.38 -> 1.10 ms
-forward+backward on an H100; 1.030-1.068 ms with the cap, sub-chunks and series softplus).
+forward+backward on an H100; 1.030-1.068 ms with the cap, sub-chunks and series softplus;
+0.985 ms with explicit FMAs, ``_FastMath.fma``).
 No atomics: the gradients are bitwise deterministic.
 """
 from __future__ import annotations
@@ -72,7 +73,9 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # sub-chunks of bwd_chunk steps (None: 2 where it divides K, else K) under a bwd_maxnreg register
 # cap (None: ptxas' choice, 255). H100, ViM-S fp32 fwd+bwd ms: K 4 uncapped 1.105-1.145; cap 168
 # + sub-chunks of 2 1.030-1.068 (kept); cap 160 / 176 / 200 with sub-chunks 1.069 / 1.177 /
-# 1.249; sub-chunks of 1 + cap 168 1.155; K 2 + cap 168 1.088. maxnreg caps the forward (128:
+# 1.249; sub-chunks of 1 + cap 168 1.155; K 2 + cap 168 1.088. With explicit FMAs (twelfth
+# session, another H100): default 0.947-0.960, "kept" 0.954, sub-chunks of 4 uncapped 1.019.
+# maxnreg caps the forward (128:
 # slower). softplus "series" (common.softplus_series, 2 MUFU ops, no division) or "goldberg".
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")

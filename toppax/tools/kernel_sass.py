@@ -16,10 +16,12 @@ Use it to compare variants with each other before a GPU is at hand: the kernels 
 latency and spills' memory traffic are not modelled, and timings come only from
 ``bench_scan`` on a GPU (on an H100, variants with 4% and 10% fewer backward instructions
 were no faster: docs/benchmarks.md, tenth session). On jaxlib 0.10-0.11 XLA compiles these
-kernels with its own Triton build, so the counts are those of the ``triton`` release installed
-here (for the ViM-S training forward: 83.1 M instructions by this count, 103.1 M executed by
-Nsight Compute on an H100); compare variants within one run of this tool. Needs ``pip install
-triton`` (CPU wheels carry the compiler and ptxas; no GPU or CUDA toolkit).
+kernels with its own Triton build and with floating-point contraction off; this tool compiles
+with Triton's ``enable_fp_fusion`` off too, and then gives the backward exactly the 3544 SASS
+instructions that Nsight Compute saw XLA's build run on an H100 (the forward: 1912 here, 1848
+there); with fusion on it counted 2840, which is how the missing FFMAs were found
+(``gpu_scan._FastMath.fma``). Needs ``pip install triton`` (CPU wheels carry the compiler and
+ptxas; no GPU or CUDA toolkit).
 """
 from __future__ import annotations
 
