@@ -470,11 +470,12 @@ def test_register_cap_reaches_the_triton_module():
 
 @pytest.mark.parametrize("tuning,n", [({}, 16), ({"bwd_num_warps": 2}, 16), ({}, 40),
                                       ({"bc_load": "tile", "bwd_restart": "kept"}, 16)])
-def test_gpu_kernels_use_no_atomics(tuning, n):
+def test_gpu_kernels_use_no_atomics_and_explicit_fmas(tuning, n):
   # The determinism: no atomics, so two runs give identical bits. Every cross-program
   # sum (dB/dC per warp, dA/dD/dbias per batch element, state groups) is a separate output that
   # XLA adds; this checks the Triton IR that XLA compiles for both kernels, with two warps per
-  # program, with state groups (N = 40: four) and with the tile/kept backward.
+  # program, with state groups (N = 40: four) and with the tile/kept backward. XLA compiles it
+  # with FP contraction off, so the state updates must be explicit fma.rn (_FastMath.fma).
   with kernel_sass.gpu_target():
     modules = kernel_sass.triton_ir(dict(gpu_scan.DEFAULT_TUNING, **tuning), dim=64, batch=2,
                                     length=9, n=n)
@@ -483,6 +484,7 @@ def test_gpu_kernels_use_no_atomics(tuning, n):
   for name, ir in modules.items():
     assert "tt.load" in ir and "tt.store" in ir, name      # the IR text is what we think it is
     assert "atomic" not in ir, name
+    assert ir.count("fma.rn.f32") >= 2 * min(n, 16), name   # a.h + B.du, C.h (or dh) per state
 
 
 @pytest.mark.gpu
