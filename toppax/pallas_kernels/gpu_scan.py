@@ -75,8 +75,8 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # + sub-chunks of 2 1.030-1.068 (kept); cap 160 / 176 / 200 with sub-chunks 1.069 / 1.177 /
 # 1.249; sub-chunks of 1 + cap 168 1.155; K 2 + cap 168 1.088. With explicit FMAs (twelfth
 # session, another H100): default 0.947-0.960, "kept" 0.954, sub-chunks of 4 uncapped 1.019.
-# maxnreg caps the forward (128:
-# slower). softplus "series" (common.softplus_series, 2 MUFU ops, no division) or "goldberg".
+# maxnreg caps the forward (128: slower). softplus "series" (common.softplus_series, 2 MUFU ops,
+# no division) or "goldberg".
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
@@ -165,7 +165,8 @@ def _kernel_setup(cfg, block_d, dim, groups, a_ref, d_ref, bias_ref, n):
 
 
 class _FastMath:
-  """exp2, log2 and reciprocal as single MUFU instructions (PTX ``ex2/lg2/rcp.approx.ftz``).
+  """exp2, log2 and reciprocal as single MUFU instructions (PTX ``ex2/lg2/rcp.approx.ftz``), and
+  multiply-add as one FFMA (``fma``, below).
 
   Measured on an H100 (Nsight Compute, ViM-S forward): with jnp.exp2 and 1/x (denormal-safe
   sequences) and jnp.log2 (a libdevice polynomial) the forward executed 138.5 M warp

@@ -133,9 +133,9 @@ def count(name, ir, num_warps, steps_per_iteration, arch=90, workdir=None):
     path = os.path.join(tmp, f"{name}.ttir")
     with open(path, "w") as f:
       f.write(ir)
-    # FP fusion off, as XLA compiles these kernels: with it off the backward's SASS is
-    # instruction for instruction the size Nsight Compute saw XLA's build execute on an H100
-    # (3544; no FFMA but the kernels' explicit fma.rn, gpu_scan._FastMath.fma).
+    # FP fusion off, as XLA compiles these kernels: with it off the backward of commit 9c3180b
+    # compiled to the 3544 SASS instructions Nsight Compute listed for XLA's build on an H100
+    # (no FFMA); the FFMAs now come from the kernels' explicit fma.rn (gpu_scan._FastMath.fma).
     kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=num_warps, num_stages=1,
                                          enable_fp_fusion=False))
