@@ -205,10 +205,10 @@ class _FastMath:
     """a b + c with one rounding (PTX ``fma.rn.f32``; operands broadcast). XLA compiles these
     kernels (custom call ``__gpu$xla.gpu.triton``) with floating-point contraction off, so a
     jnp ``a * b + c`` stays an FMUL and an FADD: Nsight Compute found no FFMA at all in either
-    kernel on an H100 (ViM-S backward 407.5 M warp instructions, 159.8 M of them FMUL and
-    103.1 M FADD), and ``tools.kernel_sass`` compiles the same SASS (3544 instructions in the
-    backward) only with Triton's ``enable_fp_fusion`` off. The hot multiply-adds are written
-    with this instead."""
+    kernel on an H100 before this helper (ViM-S backward 407.5 M warp instructions, 159.8 M of
+    them FMUL and 103.1 M FADD), and ``tools.kernel_sass`` compiled that backward's SASS (3544
+    instructions) only with Triton's ``enable_fp_fusion`` off. The hot multiply-adds are
+    written with this instead."""
     if self.interpret:
       return a * b + c
     shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
