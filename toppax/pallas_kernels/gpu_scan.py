@@ -77,6 +77,15 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # session, another H100): default 0.947-0.960, "kept" 0.954, sub-chunks of 4 uncapped 1.019.
 # maxnreg caps the forward (128: slower). softplus "series" (common.softplus_series, 2 MUFU ops,
 # no division) or "goldberg".
+# bwd_prefetch: "none" loads each row where it is used; "rows" loads the first pass's rows and
+# every adjoint step's rows (dy, z, C) at a checkpoint interval's start. Nsight Compute on an
+# H100 (thirteenth session, "none"): 39% of the backward's stall samples waited on global loads
+# (long scoreboard), half of them on z just before sigmoid(z) in the adjoint, with 2.9 warps per
+# scheduler and issue slots 50% busy. ViM-S fp32 fwd+bwd, one H100 run: "none" 0.949 / 0.954 ms,
+# "rows" 0.922 (72 B spilled vs 16). "checkpoint" also carries the next interval's checkpoint
+# (loaded once this one's is dead), "walk" also its first-pass rows; both spill more (144, 120 B)
+# and, with the restarts reusing the loaded rows (which let the compiler merge them with the
+# first pass: 160-370 B spilled), measured 1.03-1.08 ms.
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
@@ -94,7 +103,8 @@ DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
                       partial_sum="sum", bc_load="shuffle",
-                      bwd_restart="checkpoint", fwd_states=16, bwd_states=16)
+                      bwd_restart="checkpoint", bwd_prefetch="rows", fwd_states=16,
+                      bwd_states=16)
 TILE_GROUP = 4                          # bc_load "tile": states per vector load
 BWD_SUB_CHUNK = 2                       # bwd_chunk None: this where it divides ckpt_every
 WIDE_CHANNELS = 65536
@@ -508,6 +518,10 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
   if restart not in ("kept", "checkpoint"):
     raise ValueError(f"tuning bwd_restart must be 'kept' or 'checkpoint', got {restart!r}")
   restart_kept = restart == "kept"
+  prefetch = cfg.tune("bwd_prefetch", DEFAULT_TUNING["bwd_prefetch"])
+  if prefetch not in ("none", "rows", "checkpoint", "walk"):
+    raise ValueError(f"tuning bwd_prefetch must be 'none', 'rows', 'checkpoint' or 'walk', got "
+                     f"{prefetch!r}")
   bc_load = cfg.tune("bc_load", DEFAULT_TUNING["bc_load"])
   if bc_load not in ("shuffle", "tile"):
     raise ValueError(f"tuning bc_load must be 'shuffle' or 'tile', got {bc_load!r}")
@@ -529,16 +543,40 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
 
   cols = jnp.arange(group, dtype=jnp.int32)[None, :]
 
-  def entries(ref, t):
-    """The row's entries in this lane's order: a function j -> state j ^ order."""
+  def fetch(ref, t):
+    """A B or C row as this lane loads it: entry L (for shuffles), or its groups as vectors."""
     if bc_load == "tile":
       vals = []
       for m in range(n // group):
         start = pl.multiple_of(order ^ (group * m), group)   # the hint makes one vector load
         vals += _columns(ref[t, start[:, None] + cols].astype(jnp.float32))
-      return vals.__getitem__
-    vec = ref[t, jnp.minimum(warp.lane, n - 1)].astype(jnp.float32)   # lane L: state L
-    return lambda j: warp.shfl_idx(vec, order ^ j)
+      return vals
+    return ref[t, jnp.minimum(warp.lane, n - 1)].astype(jnp.float32)   # lane L: state L
+
+  def spread(row):
+    """A fetched row's entries in this lane's order: a function j -> state j ^ order."""
+    if bc_load == "tile":
+      return row.__getitem__
+    return lambda j: warp.shfl_idx(row, order ^ j)
+
+  def entries(ref, t):
+    return spread(fetch(ref, t))
+
+  def load_walk(s):
+    """What the recompute of step s reads: u, raw Δ, the gap, B_t (fetched)."""
+    t = t_of(s)
+    x = dict(u=rows.load(r["u"], t), d=rows.load(r["delta"], t), b=fetch(r["B"], t))
+    if cfg.gap_delta is not None:
+      x["g"] = r["gaps"][t]
+    return x
+
+  def load_adjoint(s):
+    """What the adjoint of step s reads: dy, z, C_t (fetched)."""
+    t = t_of(s)
+    x = dict(dout=rows.load(dy_ref, t), c=fetch(r["C"], t))
+    if cfg.has_z:
+      x["z"] = rows.load(r["z"], t)
+    return x
 
   def prev_before(base):
     """The "prev" gap rule's Δ of the step before ``base`` (0 before the first step)."""
@@ -546,45 +584,48 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
       return jnp.zeros((block_d,), jnp.float32)
     return dt_of(rows.load(r["delta"], t_of(jnp.maximum(base - 1, 0))) + bias)
 
-  def advance(s, h, prev):
-    """Step s (scan order) from the state h before it: (its inputs x, the state after it)."""
-    t = t_of(s)
-    x = dict(u=rows.load(r["u"], t), dr=rows.load(r["delta"], t) + bias)
+  def advance(s, h, prev, pre=None):
+    """Step s (scan order) from the state h before it: (its inputs x, the state after it).
+    ``pre``: its rows from load_walk, loaded earlier (tuning bwd_prefetch)."""
+    pre = load_walk(s) if pre is None else pre
+    x = dict(u=pre["u"], dr=pre["d"] + bias)
     x["dt"] = dt = dt_of(x["dr"])
     dec = dt
     if cfg.gap_delta is not None:
-      x["g"] = r["gaps"][t]
+      x["g"] = pre["g"]
       dec = fm.fma(x["g"], prev if prev_rule else tilde, dt)
     x["dec"] = dec
     dtu = dt * x["u"]
-    b = entries(r["B"], t)
+    b = spread(pre["b"])
     return x, [fm.fma(fm.exp2(a2[j] * dec), h[j], b(j) * dtu) for j in range(n)]
 
-  def walk(base, start, stop, h, prev):
+  def walk(base, start, stop, h, prev, pre=None):
     """Steps base + start ... base + stop - 1 from the state h before the first: their inputs
-    and states."""
+    and states. ``pre``: the interval's rows from load_walk, by step (or None: load here)."""
     xs, hs = [], []
     for i in range(start, stop):
-      x, h = advance(base + i, h, prev)
+      x, h = advance(base + i, h, prev, None if pre is None else pre[i])
       prev = x["dt"]
       xs.append(x)
       hs.append(h)
     return xs, hs
 
-  def chunk_bwd(base, xs, hs, carry):
+  def chunk_bwd(base, xs, hs, carry, adj=None):
     """The adjoint over steps base ... base + len(xs) - 1 (scan order), last first, from their
-    inputs xs and states hs (the state after each step)."""
+    inputs xs and states hs (the state after each step); ``adj``: their rows from load_adjoint,
+    loaded earlier (or None: load here)."""
     steps = len(xs)
     dh, dA, gcarry, dD, dbias, dtilde = carry
     for i in reversed(range(steps)):
       t = t_of(base + i)
       x, h = xs[i], hs[i]
       u, dt, dec = x["u"], x["dt"], x["dec"]
-      c_row = entries(r["C"], t)
+      rows_in = load_adjoint(base + i) if adj is None else adj[i]
+      c_row = spread(rows_in["c"])
       c = [c_row(j) for j in range(n)]
-      dout = rows.load(dy_ref, t)
+      dout = rows_in["dout"]
       if cfg.has_z:
-        z = rows.load(r["z"], t)
+        z = rows_in["z"]
         sz = fm.sigmoid(z)
         y_pre = d_skip * u
         for j in range(n):
@@ -630,35 +671,71 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
            zeros())
   head, full = length % chunk, length // chunk
 
-  def interval(base, steps, h, carry):
+  def interval(base, steps, h, carry, walk_rows=None, then=None):
     # sub steps at a time, last first: only sub states are live (registers). The first pass
     # recomputes the whole interval from its checkpoint h and runs the adjoint over the last
     # sub-chunk; each earlier sub-chunk then restarts from its first step's state and inputs,
     # kept from that first pass (bwd_restart "kept": K + (K / sub - 1)(sub - 1) recomputed steps
     # per K, 5 per 4 at K = 4, sub = 2), or from the checkpoint (bwd_restart "checkpoint":
-    # (K / sub + 1) / 2 times the recompute, 6 per 4).
+    # (K / sub + 1) / 2 times the recompute, 6 per 4). With bwd_prefetch other than "none",
+    # the rows of the first pass and of every adjoint step are loaded at the interval's start
+    # (walk_rows: loaded already by the interval before); restarts load theirs again (cache
+    # hits: reusing the loaded values lets the compiler merge the restart with the first pass
+    # and spill). ``then()`` (the next interval's loads) runs once the checkpoint h is dead.
+    # Returns the carry and then's result.
     if steps == 0:
-      return carry
+      return carry, None
+    adj_rows = None
+    if prefetch != "none":
+      if walk_rows is None:
+        walk_rows = [load_walk(base + i) for i in range(steps)]
+      adj_rows = [load_adjoint(base + i) for i in range(steps)]
     prev0 = prev_before(base) if prev_rule else None
-    xs, hs = walk(base, 0, steps, h, prev0)
+    xs, hs = walk(base, 0, steps, h, prev0, walk_rows)
     starts = list(range(0, steps, sub))
-    carry = chunk_bwd(base + starts[-1], xs[starts[-1]:], hs[starts[-1]:], carry)
+    fetched = then() if then is not None and (restart_kept or len(starts) == 1) else None
+    carry = chunk_bwd(base + starts[-1], xs[starts[-1]:], hs[starts[-1]:], carry,
+                      None if adj_rows is None else adj_rows[starts[-1]:])
     for a in reversed(starts[:-1]):
       if restart_kept:                  # from step a's inputs and state, kept by the first pass
         more_x, more_h = walk(base, a + 1, a + sub, hs[a], xs[a]["dt"])
         sub_x, sub_h = [xs[a]] + more_x, [hs[a]] + more_h
       else:                             # from the checkpoint again, up to the sub-chunk's end
         sub_x, sub_h = (v[a:] for v in walk(base, 0, a + sub, h, prev0))
-      carry = chunk_bwd(base + a, sub_x, sub_h, carry)
-    return carry
+        if a == starts[0] and then is not None:
+          fetched = then()
+      carry = chunk_bwd(base + a, sub_x, sub_h, carry,
+                        None if adj_rows is None else adj_rows[a:a + sub])
+    return carry, fetched
 
-  def body(i, carry):
-    c = full - 1 - i
-    ck = warp.permute([rows.load(ck_ref, (c, j)) for j in range(n)], order, group)
-    return interval(head + c * chunk, chunk, ck, carry)
+  def load_checkpoint(c):
+    return [rows.load(ck_ref, (c, j)) for j in range(n)]
 
-  carry = jax.lax.fori_loop(0, full, body, carry)
-  _, dA, _, dD, dbias, dtilde = interval(0, head, [zeros() for _ in range(n)], carry)
+  if prefetch in ("checkpoint", "walk") and full > 0:
+    # The loop carries the next interval's checkpoint (and with "walk" its first-pass rows),
+    # loaded while this interval's last sub-chunk runs its adjoint (the last iteration loads
+    # interval 0 again, unused).
+    def fetch_interval(c):
+      c = jnp.maximum(c, 0)
+      walk_rows = ([load_walk(head + c * chunk + i) for i in range(chunk)]
+                   if prefetch == "walk" else None)
+      return load_checkpoint(c), walk_rows
+
+    def body(i, state):
+      carry, (ck, walk_rows) = state
+      c = full - 1 - i
+      return interval(head + c * chunk, chunk, warp.permute(ck, order, group), carry, walk_rows,
+                      lambda: fetch_interval(c - 1))
+
+    carry, _ = jax.lax.fori_loop(0, full, body, (carry, fetch_interval(full - 1)))
+  else:
+    def body(i, carry):
+      c = full - 1 - i
+      ck = warp.permute(load_checkpoint(c), order, group)
+      return interval(head + c * chunk, chunk, ck, carry)[0]
+
+    carry = jax.lax.fori_loop(0, full, body, carry)
+  _, dA, _, dD, dbias, dtilde = interval(0, head, [zeros() for _ in range(n)], carry)[0]
   dA = warp.permute(dA, order, group)   # back to state j in entry j
   for j in range(n):
     rows.store(dA_ref, dA[j], j)

@@ -5,9 +5,14 @@ and bf16, against a device-to-device copy bandwidth measured in the same run.
   python -m toppax.tools.bench_scan --out /tmp/bench   # writes bench_scan.json / bench_scan.md
 
 Timing: one warm-up call compiles; then R repeats of n back-to-back calls closed by
-block_until_ready, median of the per-call times (n chosen so a repeat lasts >= 20 ms, which
-hides dispatch). "x floor" is time over the HBM floor: the fewest bytes the op must move
-(each input read once, each output written once, no saved states) at the measured copy rate.
+block_until_ready, median of the per-call times (n chosen so a repeat lasts >= 250 ms, at most
+2000 calls). A repeat carries a fixed cost of its own, about 1.4 ms on an H100 (the first
+call's dispatch and the final synchronisation): ViM-S fp32 forward+backward measured 0.987 ms
+per call in repeats of 20 calls, 0.926 ms in repeats of 200, and 0.920 ms of kernels per call
+in a profiler trace (thirteenth session, docs/benchmarks.md). Until that session repeats lasted
+>= 20 ms (at most 200 calls), which put 1-7% of that cost into each per-call time.
+"x floor" is time over the HBM floor: the fewest bytes the op must move (each input read once,
+each output written once, no saved states) at the measured copy rate.
 Accuracy: relative L2 error against the float64 "reference" run on the same device, forward and
 every gradient, at a smaller batch.
 Breakdown (--breakdown): device time per call of each kernel of the timed implementation, from a
@@ -71,13 +76,15 @@ def fwd_bwd(f):
   return g
 
 
-def timeit(f, *args, min_rep_s=0.02, reps=7):
+def timeit(f, *args, min_rep_s=0.25, reps=7, max_calls=2000):
   out = f(*args)
   jax.block_until_ready(out)
   t0 = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  once = time.perf_counter() - t0
-  n = max(1, min(200, int(min_rep_s / max(once, 1e-6))))
+  for _ in range(5):                    # per-call time, with the repeat's fixed cost shared
+    out = f(*args)
+  jax.block_until_ready(out)
+  once = (time.perf_counter() - t0) / 5
+  n = max(1, min(max_calls, int(min_rep_s / max(once, 1e-6))))
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -93,7 +100,7 @@ def copy_bandwidth(mib=1024):
   array (1 GiB by default: far beyond any cache)."""
   x = jnp.arange(mib * 2**18, dtype=jnp.float32)
   f = jax.jit(lambda a: a + 1.0)
-  ms = timeit(f, x, min_rep_s=0.05)
+  ms = timeit(f, x)
   return 2 * x.nbytes / (ms * 1e-3)
 
 
@@ -212,14 +219,19 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
 # and 632 vs 513) and 600 B of spills. The lists below keep the best few and the options a
 # new GPU or Triton may favour: dB/dC partials summed by a GEMV, sub-chunks restarted from
 # kept states (bwd_restart "kept": fewer instructions, same time on the H100), and that with
-# B/C as 4-state vectors (bc_load "tile": 1-2% slower on the H100).
+# B/C as 4-state vectors (bc_load "tile": 1-2% slower on the H100), and the backward's rows
+# loaded where used (bwd_prefetch "none", the default until the thirteenth session) or with the
+# next checkpoint carried ahead ("checkpoint"); the backward variants take the default
+# bwd_prefetch "rows" unless they name another.
 FWD_VARIANTS = [dict(block_d=64, num_warps=1, fwd_chunk=4, rows_ahead=r, bc_ahead=1)
                 for r in (2, 4)]
 BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
                 for k, c, r in [(4, 2, 168), (4, 2, 160), (2, 2, 168), (4, 4, None)]]
 BWD_VARIANTS += [dict(BWD_VARIANTS[0], partial_sum="dot"),
                  dict(BWD_VARIANTS[0], bwd_restart="kept"),
-                 dict(BWD_VARIANTS[0], bwd_restart="kept", bc_load="tile")]
+                 dict(BWD_VARIANTS[0], bwd_restart="kept", bc_load="tile"),
+                 dict(BWD_VARIANTS[0], bwd_prefetch="none"),
+                 dict(BWD_VARIANTS[0], bwd_prefetch="checkpoint")]
 
 
 NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}   # the Pallas kernel each backend runs
