@@ -84,10 +84,9 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # H100 (thirteenth session, "none"): 39% of the backward's stall samples waited on global loads
 # (long scoreboard), half of them on z just before sigmoid(z) in the adjoint, with 2.9 warps per
 # scheduler and issue slots 50% busy. ViM-S fp32 fwd+bwd, one H100 run: "none" 0.949 / 0.954 ms,
-# "rows" 0.922 (72 B spilled vs 16). "checkpoint" also carries the next interval's checkpoint
-# (loaded once this one's is dead), "walk" also its first-pass rows; both spill more (144, 120 B)
-# and, with the restarts reusing the loaded rows (which let the compiler merge them with the
-# first pass: 160-370 B spilled), measured 1.03-1.08 ms.
+# "rows" 0.922 (72 B spilled vs 16). Also tried in that run, and slower from spills: restarts
+# reusing the loaded rows (1.034 ms, 160 B) and the loop carrying the next interval's
+# checkpoint and rows, loaded once the current checkpoint was dead (1.077 ms, 368 B).
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
@@ -521,9 +520,8 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
     raise ValueError(f"tuning bwd_restart must be 'kept' or 'checkpoint', got {restart!r}")
   restart_kept = restart == "kept"
   prefetch = cfg.tune("bwd_prefetch", DEFAULT_TUNING["bwd_prefetch"])
-  if prefetch not in ("none", "rows", "checkpoint", "walk"):
-    raise ValueError(f"tuning bwd_prefetch must be 'none', 'rows', 'checkpoint' or 'walk', got "
-                     f"{prefetch!r}")
+  if prefetch not in ("none", "rows"):
+    raise ValueError(f"tuning bwd_prefetch must be 'none' or 'rows', got {prefetch!r}")
   bc_load = cfg.tune("bc_load", DEFAULT_TUNING["bc_load"])
   if bc_load not in ("shuffle", "tile"):
     raise ValueError(f"tuning bc_load must be 'shuffle' or 'tile', got {bc_load!r}")
@@ -673,71 +671,44 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
            zeros())
   head, full = length % chunk, length // chunk
 
-  def interval(base, steps, h, carry, walk_rows=None, then=None):
+  def interval(base, steps, h, carry):
     # sub steps at a time, last first: only sub states are live (registers). The first pass
     # recomputes the whole interval from its checkpoint h and runs the adjoint over the last
     # sub-chunk; each earlier sub-chunk then restarts from its first step's state and inputs,
     # kept from that first pass (bwd_restart "kept": K + (K / sub - 1)(sub - 1) recomputed steps
     # per K, 5 per 4 at K = 4, sub = 2), or from the checkpoint (bwd_restart "checkpoint":
-    # (K / sub + 1) / 2 times the recompute, 6 per 4). With bwd_prefetch other than "none",
-    # the rows of the first pass and of every adjoint step are loaded at the interval's start
-    # (walk_rows: loaded already by the interval before); restarts load theirs again (cache
-    # hits: reusing the loaded values lets the compiler merge the restart with the first pass
-    # and spill). ``then()`` (the next interval's loads) runs once the checkpoint h is dead.
-    # Returns the carry and then's result.
+    # (K / sub + 1) / 2 times the recompute, 6 per 4). With bwd_prefetch "rows" the rows of the
+    # first pass and of every adjoint step are loaded at the interval's start; restarts load
+    # theirs again (cache hits: reusing the loaded values let the compiler merge the restart
+    # with the first pass and spill).
     if steps == 0:
-      return carry, None
-    adj_rows = None
-    if prefetch != "none":
-      if walk_rows is None:
-        walk_rows = [load_walk(base + i) for i in range(steps)]
+      return carry
+    walk_rows = adj_rows = None
+    if prefetch == "rows":
+      walk_rows = [load_walk(base + i) for i in range(steps)]
       adj_rows = [load_adjoint(base + i) for i in range(steps)]
     prev0 = prev_before(base) if prev_rule else None
     xs, hs = walk(base, 0, steps, h, prev0, walk_rows)
     starts = list(range(0, steps, sub))
-    fetched = then() if then is not None and (restart_kept or len(starts) == 1) else None
-    carry = chunk_bwd(base + starts[-1], xs[starts[-1]:], hs[starts[-1]:], carry,
-                      None if adj_rows is None else adj_rows[starts[-1]:])
-    for a in reversed(starts[:-1]):
-      if restart_kept:                  # from step a's inputs and state, kept by the first pass
+    for a in reversed(starts):
+      if a == starts[-1]:               # the first pass's last sub-chunk
+        sub_x, sub_h = xs[a:], hs[a:]
+      elif restart_kept:                # from step a's inputs and state, kept by the first pass
         more_x, more_h = walk(base, a + 1, a + sub, hs[a], xs[a]["dt"])
         sub_x, sub_h = [xs[a]] + more_x, [hs[a]] + more_h
       else:                             # from the checkpoint again, up to the sub-chunk's end
         sub_x, sub_h = (v[a:] for v in walk(base, 0, a + sub, h, prev0))
-        if a == starts[0] and then is not None:
-          fetched = then()
       carry = chunk_bwd(base + a, sub_x, sub_h, carry,
-                        None if adj_rows is None else adj_rows[a:a + sub])
-    return carry, fetched
+                        None if adj_rows is None else adj_rows[a:a + len(sub_x)])
+    return carry
 
-  def load_checkpoint(c):
-    return [rows.load(ck_ref, (c, j)) for j in range(n)]
+  def body(i, carry):
+    c = full - 1 - i
+    ck = warp.permute([rows.load(ck_ref, (c, j)) for j in range(n)], order, group)
+    return interval(head + c * chunk, chunk, ck, carry)
 
-  if prefetch in ("checkpoint", "walk") and full > 0:
-    # The loop carries the next interval's checkpoint (and with "walk" its first-pass rows),
-    # loaded while this interval's last sub-chunk runs its adjoint (the last iteration loads
-    # interval 0 again, unused).
-    def fetch_interval(c):
-      c = jnp.maximum(c, 0)
-      walk_rows = ([load_walk(head + c * chunk + i) for i in range(chunk)]
-                   if prefetch == "walk" else None)
-      return load_checkpoint(c), walk_rows
-
-    def body(i, state):
-      carry, (ck, walk_rows) = state
-      c = full - 1 - i
-      return interval(head + c * chunk, chunk, warp.permute(ck, order, group), carry, walk_rows,
-                      lambda: fetch_interval(c - 1))
-
-    carry, _ = jax.lax.fori_loop(0, full, body, (carry, fetch_interval(full - 1)))
-  else:
-    def body(i, carry):
-      c = full - 1 - i
-      ck = warp.permute(load_checkpoint(c), order, group)
-      return interval(head + c * chunk, chunk, ck, carry)[0]
-
-    carry = jax.lax.fori_loop(0, full, body, carry)
-  _, dA, _, dD, dbias, dtilde = interval(0, head, [zeros() for _ in range(n)], carry)[0]
+  carry = jax.lax.fori_loop(0, full, body, carry)
+  _, dA, _, dD, dbias, dtilde = interval(0, head, [zeros() for _ in range(n)], carry)
   dA = warp.permute(dA, order, group)   # back to state j in entry j
   for j in range(n):
     rows.store(dA_ref, dA[j], j)

@@ -220,9 +220,8 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
 # new GPU or Triton may favour: dB/dC partials summed by a GEMV, sub-chunks restarted from
 # kept states (bwd_restart "kept": fewer instructions, same time on the H100), and that with
 # B/C as 4-state vectors (bc_load "tile": 1-2% slower on the H100), and the backward's rows
-# loaded where used (bwd_prefetch "none", the default until the thirteenth session) or with the
-# next checkpoint carried ahead ("checkpoint"); the backward variants take the default
-# bwd_prefetch "rows" unless they name another.
+# loaded where used (bwd_prefetch "none", the default until the thirteenth session; the other
+# variants take the default "rows").
 FWD_VARIANTS = [dict(block_d=64, num_warps=1, fwd_chunk=4, rows_ahead=r, bc_ahead=1)
                 for r in (2, 4)]
 BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
@@ -230,8 +229,7 @@ BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
 BWD_VARIANTS += [dict(BWD_VARIANTS[0], partial_sum="dot"),
                  dict(BWD_VARIANTS[0], bwd_restart="kept"),
                  dict(BWD_VARIANTS[0], bwd_restart="kept", bc_load="tile"),
-                 dict(BWD_VARIANTS[0], bwd_prefetch="none"),
-                 dict(BWD_VARIANTS[0], bwd_prefetch="checkpoint")]
+                 dict(BWD_VARIANTS[0], bwd_prefetch="none")]
 
 
 NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}   # the Pallas kernel each backend runs
