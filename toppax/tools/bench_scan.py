@@ -6,11 +6,11 @@ and bf16, against a device-to-device copy bandwidth measured in the same run.
 
 Timing: one warm-up call compiles; then R repeats of n back-to-back calls closed by
 block_until_ready, median of the per-call times (n chosen so a repeat lasts >= 250 ms, at most
-2000 calls). A repeat carries a fixed cost of its own, about 1.4 ms on an H100 (the first
-call's dispatch and the final synchronisation): ViM-S fp32 forward+backward measured 0.987 ms
+2000 calls). A repeat carries a fixed cost of its own, about 1.4 ms on an H100 (likely the
+first call's dispatch and the final synchronisation): ViM-S fp32 forward+backward measured 0.987 ms
 per call in repeats of 20 calls, 0.926 ms in repeats of 200, and 0.920 ms of kernels per call
 in a profiler trace (thirteenth session, docs/benchmarks.md). Until that session repeats lasted
->= 20 ms (at most 200 calls), which put 1-7% of that cost into each per-call time.
+>= 20 ms (at most 200 calls), which put up to about 9% of that cost into each per-call time.
 "x floor" is time over the HBM floor: the fewest bytes the op must move (each input read once,
 each output written once, no saved states) at the measured copy rate.
 Accuracy: relative L2 error against the float64 "reference" run on the same device, forward and
