@@ -154,7 +154,8 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # restarted from the states kept by the interval's first pass (bwd_restart="kept"; with
 # sub-chunks of 1 and K = 3, two restarts per interval and a partial head of 2); rows loaded
 # where they are used instead of at an interval's start (bwd_prefetch "none"; the default
-# "rows" runs in every other case).
+# "rows" runs in every other case); dB/dC reduce-scatters with the scale fused into the first
+# level (bwd_put "fma"; with bc_load "tile" at N = 4 that level uses selects, so it scales first).
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
                                     dict(gpu_scan.DEFAULT_TUNING, bwd_num_warps=2, ckpt_every=3),
@@ -168,7 +169,10 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
                                     dict(ckpt_every=3, bwd_chunk=1, bwd_restart="kept"),
                                     dict(gpu_scan.DEFAULT_TUNING, bwd_prefetch="none"),
                                     dict(ckpt_every=3, bwd_chunk=1, bwd_restart="kept",
-                                         bwd_prefetch="rows", bc_load="tile")])
+                                         bwd_prefetch="rows", bc_load="tile"),
+                                    dict(gpu_scan.DEFAULT_TUNING, bwd_put="fma"),
+                                    dict(ckpt_every=3, bwd_chunk=1, bwd_put="fma",
+                                         bwd_prefetch="none", bc_load="tile")])
 def test_gpu_forward_layouts_and_lookahead(tuning):
   length = 11
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 70, 4).items()}
@@ -280,12 +284,15 @@ def test_group_order_reduce_scatter_sums_every_state():
       order = np.asarray(warp.state_order(m, group))
       assert not np.any(order % group) or group > m
       regs = [jnp.asarray(values[k ^ order, np.arange(64)]) for k in range(m)]
-      sums = warp.reduce_scatter(regs, group)
+      scale = rng.standard_normal(64).astype(np.float32)              # per channel
       final = np.asarray(warp.state_order(m))
-      totals = values.reshape(m, 2, 32).sum(-1)                     # (state, warp)
-      for k, v in enumerate(sums):
-        want = totals[k ^ final, np.arange(64) // 32]
-        np.testing.assert_allclose(np.asarray(v), want, rtol=1e-5, atol=1e-5)
+      fma = lambda a, b, c: a * b + c
+      for s, sums in [(1.0, warp.reduce_scatter(regs, group)),
+                      (scale, warp.reduce_scatter(regs, group, jnp.asarray(scale), fma))]:
+        totals = (values * s).reshape(m, 2, 32).sum(-1)             # (state, warp)
+        for k, v in enumerate(sums):
+          want = totals[k ^ final, np.arange(64) // 32]
+          np.testing.assert_allclose(np.asarray(v), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl,tuning", [("pallas_gpu", dict(ckpt_evry=8)),
@@ -298,7 +305,8 @@ def test_unknown_tuning_keys_are_refused(impl, tuning):
                           gap_delta="prev", interpret=True, tuning=tuning)
 
 
-@pytest.mark.parametrize("key,value", [("bc_load", "vector"), ("bwd_restart", "state")])
+@pytest.mark.parametrize("key,value", [("bc_load", "vector"), ("bwd_restart", "state"),
+                                       ("bwd_put", "add")])
 def test_bad_backward_options_are_refused(key, value):
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 3, 8, 4).items()}
   with pytest.raises(ValueError, match=f"{key} must be"):
@@ -474,7 +482,8 @@ def test_register_cap_reaches_the_triton_module():
 
 
 @pytest.mark.parametrize("tuning,n", [({}, 16), ({"bwd_num_warps": 2}, 16), ({}, 40),
-                                      ({"bc_load": "tile", "bwd_restart": "kept"}, 16)])
+                                      ({"bc_load": "tile", "bwd_restart": "kept"}, 16),
+                                      ({"bwd_put": "fma"}, 16)])
 def test_gpu_kernels_use_no_atomics_and_explicit_fmas(tuning, n):
   # The determinism: no atomics, so two runs give identical bits. Every cross-program
   # sum (dB/dC per warp, dA/dD/dbias per batch element, state groups) is a separate output that

@@ -87,6 +87,10 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # "rows" 0.922 (72 B spilled vs 16). Also tried in that run, and slower from spills: restarts
 # reusing the loaded rows (1.034 ms, 160 B) and the loop carrying the next interval's
 # checkpoint and rows, loaded once the current checkpoint was dead (1.077 ms, 368 B).
+# bwd_put: how the backward's dB / dC reduce-scatters scale their inputs (dh * Δu, h * dy):
+# "mul" multiplies all 16 values first; "fma" multiplies the 8 it ships at the first level and
+# fuses the other 8 into that level's adds (tools.kernel_sass, H100 sm_90, thirteenth session:
+# 531.8 -> 515.0 instructions per step with "rows", 72 -> 88 B spilled).
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
@@ -104,8 +108,8 @@ DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows
                       bc_ahead=1, bwd_num_warps=1, num_stages=1, bwd_num_stages=1,
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
                       partial_sum="sum", bc_load="shuffle",
-                      bwd_restart="checkpoint", bwd_prefetch="rows", fwd_states=16,
-                      bwd_states=16)
+                      bwd_restart="checkpoint", bwd_prefetch="rows", bwd_put="mul",
+                      fwd_states=16, bwd_states=16)
 TILE_GROUP = 4                          # bc_load "tile": states per vector load
 BWD_SUB_CHUNK = 2                       # bwd_chunk None: this where it divides ckpt_every
 WIDE_CHANNELS = 65536
@@ -426,18 +430,27 @@ class _Warp:
       bit *= 2
     return vals
 
-  def reduce_scatter(self, vals, group=1):
+  def reduce_scatter(self, vals, group=1, scale=None, fma=None):
     """Sums m (BD,) vectors, held in ``state_order(m, group)``, over the 32 lanes of each warp
     and spreads the m sums over the lanes: returns a list whose entry k is, on lane L, the warp
     total of state k ^ state_order(m)[L]. Each halving level keeps the lower half of the list
     and ships the upper half to the partner lane: m - 1 shuffles and adds for m values (plus
     one per level left once a single value remains). Levels whose half is at least ``group``
     need no selects; below it (group order) a lane keeps the half its lane bit names, by two
-    selects per shipped value."""
+    selects per shipped value. With ``scale`` (a (BD,) vector) it sums ``vals[k] * scale``: the
+    first level multiplies only the shipped half and folds the kept half's product into its
+    add as ``fma(kept, scale, shipped)`` (m / 2 instructions fewer than scaling first)."""
+    first = scale is not None and group == 1 and len(vals) > 1
+    if scale is not None and not first:
+      vals = [v * scale for v in vals]
     for offset in (16, 8, 4, 2, 1):
       if len(vals) > 1:
         half = len(vals) // 2
-        if half >= group:
+        if first:
+          vals = [fma(vals[j], scale, self.shfl_xor(vals[j + half] * scale, offset))
+                  for j in range(half)]
+          first = False
+        elif half >= group:
           vals = [vals[j] + self.shfl_xor(vals[j + half], offset) for j in range(half)]
         else:
           upper = (self.lane & offset) != 0
@@ -522,6 +535,10 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
   prefetch = cfg.tune("bwd_prefetch", DEFAULT_TUNING["bwd_prefetch"])
   if prefetch not in ("none", "rows"):
     raise ValueError(f"tuning bwd_prefetch must be 'none' or 'rows', got {prefetch!r}")
+  put_fma = cfg.tune("bwd_put", DEFAULT_TUNING["bwd_put"])
+  if put_fma not in ("mul", "fma"):
+    raise ValueError(f"tuning bwd_put must be 'mul' or 'fma', got {put_fma!r}")
+  put_fma = put_fma == "fma"
   bc_load = cfg.tune("bc_load", DEFAULT_TUNING["bc_load"])
   if bc_load not in ("shuffle", "tile"):
     raise ValueError(f"tuning bc_load must be 'shuffle' or 'tile', got {bc_load!r}")
@@ -530,8 +547,13 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
   final = warp.state_order(n)           # the reduce-scatter's k-th sum is state k ^ final
   a2 = warp.permute(a2, order, group)
 
-  def put(ref, t, vals):
-    for k, v in enumerate(warp.reduce_scatter(vals, group)):
+  def put(ref, t, vals, scale):
+    """Stores the warp sums of vals[j] * scale (state j ^ order) as row t of a dB / dC partial."""
+    if put_fma:
+      sums = warp.reduce_scatter(vals, group, scale, fm.fma)
+    else:
+      sums = warp.reduce_scatter([v * scale for v in vals], group)
+    for k, v in enumerate(sums):
       idx = final ^ k
       if warps == 1:
         ref[t, idx] = v.astype(ref.dtype)
@@ -635,10 +657,10 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
       else:
         dy = dout
       dD = fm.fma(dy, u, dD)
-      put(dC_ref, t, [h[j] * dy for j in range(n)])
+      put(dC_ref, t, h, dy)
       dh = [fm.fma(c[j], dy, dh[j]) for j in range(n)]
       dtu = dt * u
-      put(dB_ref, t, [dh[j] * dtu for j in range(n)])
+      put(dB_ref, t, dh, dtu)
       neg_dtu = -dtu
       dbu = jnp.zeros_like(u)
       ddec = jnp.zeros_like(u)

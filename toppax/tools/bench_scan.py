@@ -229,7 +229,8 @@ BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
 BWD_VARIANTS += [dict(BWD_VARIANTS[0], partial_sum="dot"),
                  dict(BWD_VARIANTS[0], bwd_restart="kept"),
                  dict(BWD_VARIANTS[0], bwd_restart="kept", bc_load="tile"),
-                 dict(BWD_VARIANTS[0], bwd_prefetch="none")]
+                 dict(BWD_VARIANTS[0], bwd_prefetch="none"),
+                 dict(BWD_VARIANTS[0], bwd_put="fma")]
 
 
 NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}   # the Pallas kernel each backend runs
