@@ -423,7 +423,8 @@ def test_compile_failure_falls_back_to_xla(caplog, monkeypatch):
 
 # (dtype, N, with z, gap rule, reverse, batch): ViM's bf16 call, fp32 with a padded state and no
 # gate, and a batch x D past gpu_scan.WIDE_CHANNELS (the two-channels-per-thread forward).
-EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True, 2), (jnp.float32, 3, False, "prev", False, 2),
+EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True, 2),
+                (jnp.float32, 3, False, "prev", False, 2),
                 (jnp.float32, 16, True, "prev", False, 384)]
 
 

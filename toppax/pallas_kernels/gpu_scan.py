@@ -43,7 +43,7 @@ sums over states (du, dΔ, dz) become per-group partials that XLA adds. This rep
 tile backward whose reductions went through shared memory and barriers (1.38 -> 1.10 ms
 forward+backward on an H100; 1.030-1.068 ms with the cap, sub-chunks and series softplus;
 0.985 ms with explicit FMAs, ``_FastMath.fma``; 0.922 vs 0.949-0.954 ms with the rows loaded
-ahead, one run in 20 ms repeats).
+ahead, one run in 20 ms repeats; 0.898 ms in a full bench_scan run with 250 ms repeats).
 No atomics: the gradients are bitwise deterministic.
 """
 from __future__ import annotations
@@ -89,8 +89,9 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # checkpoint and rows, loaded once the current checkpoint was dead (1.077 ms, 368 B).
 # bwd_put: how the backward's dB / dC reduce-scatters scale their inputs (dh * Δu, h * dy):
 # "mul" multiplies all 16 values first; "fma" multiplies the 8 it ships at the first level and
-# fuses the other 8 into that level's adds (tools.kernel_sass, H100 sm_90, thirteenth session:
-# 531.8 -> 515.0 instructions per step with "rows", 72 -> 88 B spilled).
+# fuses the other 8 into that level's adds (tools.kernel_sass, sm_90: 531.8 -> 515.0
+# instructions per step with "rows", 72 -> 88 B spilled). ViM-S fp32 fwd+bwd, one H100 run
+# (fourteenth session): "mul" 0.896 / 0.896 ms, "fma" 0.921 / 0.920; default "mul".
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
