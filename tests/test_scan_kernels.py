@@ -155,9 +155,7 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # sub-chunks of 1 and K = 3, two restarts per interval and a partial head of 2); rows loaded
 # where they are used instead of at an interval's start (bwd_prefetch "none"; the default
 # "rows" runs in every other case); dB/dC reduce-scatters with the scale fused into the first
-# level (bwd_put "fma"; with bc_load "tile" at N = 4 that level uses selects, so it scales first);
-# A read at each use from a table permuted into the lanes' state order (bwd_a "load"), with the
-# shuffle and the tile orders.
+# level (bwd_put "fma"; with bc_load "tile" at N = 4 that level uses selects, so it scales first).
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
                                     dict(gpu_scan.DEFAULT_TUNING, bwd_num_warps=2, ckpt_every=3),
@@ -174,10 +172,7 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
                                          bwd_prefetch="rows", bc_load="tile"),
                                     dict(gpu_scan.DEFAULT_TUNING, bwd_put="fma"),
                                     dict(ckpt_every=3, bwd_chunk=1, bwd_put="fma",
-                                         bwd_prefetch="none", bc_load="tile"),
-                                    dict(gpu_scan.DEFAULT_TUNING, bwd_a="load"),
-                                    dict(ckpt_every=3, bwd_chunk=1, bwd_a="load",
-                                         bwd_restart="kept", bc_load="tile")])
+                                         bwd_prefetch="none", bc_load="tile")])
 def test_gpu_forward_layouts_and_lookahead(tuning):
   length = 11
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 70, 4).items()}
@@ -231,20 +226,17 @@ def test_gpu_backward_state_orders(n, bc_load, warps):
 # the states split into groups, one program each; y, du, dΔ, dz, dD and the bias gradients are
 # summed over the groups (the D skip's terms counted once), and the backward reads checkpoints
 # the forward wrote with other groups. D = 40 is not a multiple of the 32-channel block (the
-# mask then reads the grid's second axis). N = 40 pads to 64: 4 groups each way. The last case
-# reads A from the backward's permuted table per group (bwd_a "load").
-@pytest.mark.parametrize("n,fwd_states,bwd_states,reverse,gap_delta,dtype,bwd_a", [
-    (5, 4, 2, True, "bias", jnp.float32, "regs"), (12, 16, 4, False, "prev", jnp.float32, "regs"),
-    (7, 2, 8, False, "prev", jnp.bfloat16, "regs"), (40, 16, 16, True, "prev", jnp.float32, "regs"),
-    (12, 16, 4, True, "bias", jnp.float32, "load")])
-def test_gpu_state_groups(n, fwd_states, bwd_states, reverse, gap_delta, dtype, bwd_a):
+# mask then reads the grid's second axis). N = 40 pads to 64: 4 groups each way.
+@pytest.mark.parametrize("n,fwd_states,bwd_states,reverse,gap_delta,dtype", [
+    (5, 4, 2, True, "bias", jnp.float32), (12, 16, 4, False, "prev", jnp.float32),
+    (7, 2, 8, False, "prev", jnp.bfloat16), (40, 16, 16, True, "prev", jnp.float32)])
+def test_gpu_state_groups(n, fwd_states, bwd_states, reverse, gap_delta, dtype):
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(9, 2, 9, 40, n).items()}
   if dtype != jnp.float32:
     x = {k: v.astype(dtype) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
   gaps = jnp.asarray(np.random.default_rng(4).integers(0, 3, (2, 9)))
   fn = ops._REGISTRY["pallas_gpu"]()
-  tuning = dict(gpu_scan.DEFAULT_TUNING, fwd_states=fwd_states, bwd_states=bwd_states,
-                bwd_a=bwd_a)
+  tuning = dict(gpu_scan.DEFAULT_TUNING, fwd_states=fwd_states, bwd_states=bwd_states)
   args = [x[k] for k in KEYS]
   ct = jnp.asarray(np.random.default_rng(5).standard_normal(x["u"].shape), jnp.float32)
   kw = dict(delta_softplus=True, reverse=reverse, gaps=gaps, gap_delta=gap_delta)
@@ -314,7 +306,7 @@ def test_unknown_tuning_keys_are_refused(impl, tuning):
 
 
 @pytest.mark.parametrize("key,value", [("bc_load", "vector"), ("bwd_restart", "state"),
-                                       ("bwd_put", "add"), ("bwd_a", "smem")])
+                                       ("bwd_put", "add")])
 def test_bad_backward_options_are_refused(key, value):
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 3, 8, 4).items()}
   with pytest.raises(ValueError, match=f"{key} must be"):

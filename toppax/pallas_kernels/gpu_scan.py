@@ -92,9 +92,6 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # fuses the other 8 into that level's adds (tools.kernel_sass, sm_90: 531.8 -> 515.0
 # instructions per step with "rows", 72 -> 88 B spilled). ViM-S fp32 fwd+bwd, one H100 run
 # (fourteenth session): "mul" 0.896 / 0.896 ms, "fma" 0.921 / 0.920; default "mul".
-# bwd_a: where the backward keeps A log2(e): "regs", 16 registers per thread for the whole
-# kernel, or "load", read at each use from a table that backward() permutes into each lane's
-# state order and scales (_a_table; L1 hits), to free those registers for occupancy.
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
@@ -113,7 +110,7 @@ DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
                       partial_sum="sum", bc_load="shuffle",
                       bwd_restart="checkpoint", bwd_prefetch="rows", bwd_put="mul",
-                      bwd_a="regs", fwd_states=16, bwd_states=16)
+                      fwd_states=16, bwd_states=16)
 TILE_GROUP = 4                          # bc_load "tile": states per vector load
 BWD_SUB_CHUNK = 2                       # bwd_chunk None: this where it divides ckpt_every
 WIDE_CHANNELS = 65536
@@ -549,11 +546,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
   group = min(TILE_GROUP, n) if bc_load == "tile" else 1
   order = warp.state_order(n, group)    # register k of a lane holds state k ^ order
   final = warp.state_order(n)           # the reduce-scatter's k-th sum is state k ^ final
-  if cfg.tune("bwd_a", DEFAULT_TUNING["bwd_a"]) == "load":
-    a2_of = lambda j: rows.load(a_ref, j)   # backward() passed A log2(e), permuted (_a_table)
-  else:
-    a2 = warp.permute(a2, order, group)
-    a2_of = a2.__getitem__
+  a2 = warp.permute(a2, order, group)
 
   def put(ref, t, vals, scale):
     """Stores the warp sums of vals[j] * scale (state j ^ order) as row t of a dB / dC partial."""
@@ -627,7 +620,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
     x["dec"] = dec
     dtu = dt * x["u"]
     b = spread(pre["b"])
-    return x, [fm.fma(fm.exp2(a2_of(j) * dec), h[j], b(j) * dtu) for j in range(n)]
+    return x, [fm.fma(fm.exp2(a2[j] * dec), h[j], b(j) * dtu) for j in range(n)]
 
   def walk(base, start, stop, h, prev, pre=None):
     """Steps base + start ... base + stop - 1 from the state h before the first: their inputs
@@ -677,11 +670,10 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
       for j in range(n):
         b = b_row(j)
         dbu = fm.fma(dh[j], b, dbu)
-        a2j = a2_of(j)
-        a = fm.exp2(a2j * dec)
+        a = fm.exp2(a2[j] * dec)
         da = dh[j] * fm.fma(b, neg_dtu, h[j])   # dh_t a_t h_{t-1}
         new_dA.append(fm.fma(da, dec, dA[j]))
-        ddec = fm.fma(da, a2j, ddec)
+        ddec = fm.fma(da, a2[j], ddec)
         new_dh.append(a * dh[j])
       dh, dA = new_dh, new_dA
       ddec = ddec * LN2
@@ -760,17 +752,6 @@ def _padded_state(args):
     B = jnp.pad(B, ((0, 0), (0, 0), (0, n2 - n)))
     C = jnp.pad(C, ((0, 0), (0, 0), (0, n2 - n)))
   return at, B, C, n2
-
-
-def _a_table(at, n, group):
-  """A^T log2(e) (N', D) with each group of n states permuted into the backward's lane order:
-  row g n + k, column d holds state g n + (k ^ state_order(n, group)[lane of d]), the value the
-  backward's register k holds with tuning bwd_a "regs"."""
-  n_all, dim = at.shape
-  order = _Warp(True, dim).state_order(n, group)            # lane = d mod 32 (whole warps)
-  idx = jnp.arange(n, dtype=jnp.int32)[:, None] ^ order[None, :]
-  table = jnp.take_along_axis(at.reshape(n_all // n, n, dim), idx[None], axis=1)
-  return table.reshape(n_all, dim) * LOG2E
 
 
 def _states(cfg, key, n):
@@ -895,12 +876,6 @@ def backward(cfg, args, ckpt, dy):
   n_d = pl.cdiv(dim, block_d)
   grid = _Grid(cfg, length, block_d, n, n_d, batch, groups)
   in_specs = grid.in_specs + [grid.checkpoints(ckpt.shape[1]), grid.seq]
-  a_mode = cfg.tune("bwd_a", DEFAULT_TUNING["bwd_a"])
-  if a_mode not in ("regs", "load"):
-    raise ValueError(f"tuning bwd_a must be 'regs' or 'load', got {a_mode!r}")
-  if a_mode == "load":
-    bc_load = cfg.tune("bc_load", DEFAULT_TUNING["bc_load"])
-    at = _a_table(at, n, min(TILE_GROUP, n) if bc_load == "tile" else 1)
   xs = _inputs(cfg, args, at, B, C) + [ckpt, dy]
 
   f32, sq = jnp.float32, _SQUEEZED
