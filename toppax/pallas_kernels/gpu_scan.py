@@ -122,6 +122,14 @@ _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton,
                                                                       "TritonCompilerParams")
 
 
+def _choice(cfg, key, options):
+  """Tuning ``key``, checked to be one of ``options``."""
+  value = cfg.tune(key, DEFAULT_TUNING[key])
+  if value not in options:
+    raise ValueError(f"tuning {key} must be {' or '.join(map(repr, options))}, got {value!r}")
+  return value
+
+
 def _pow2(n):
   return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
@@ -438,10 +446,11 @@ class _Warp:
     and ships the upper half to the partner lane: m - 1 shuffles and adds for m values (plus
     one per level left once a single value remains). Levels whose half is at least ``group``
     need no selects; below it (group order) a lane keeps the half its lane bit names, by two
-    selects per shipped value. With ``scale`` (a (BD,) vector) it sums ``vals[k] * scale``: the
-    first level multiplies only the shipped half and folds the kept half's product into its
-    add as ``fma(kept, scale, shipped)`` (m / 2 instructions fewer than scaling first)."""
-    first = scale is not None and group == 1 and len(vals) > 1
+    selects per shipped value. With ``scale`` (a (BD,) vector) it sums ``vals[k] * scale``,
+    multiplying first; given also ``fma`` (a b + c), the first level multiplies only the shipped
+    half and folds the kept half's product into its add as ``fma(kept, scale, shipped)`` (m / 2
+    instructions fewer; where that level uses selects, it multiplies first)."""
+    first = fma is not None and scale is not None and group == 1 and len(vals) > 1
     if scale is not None and not first:
       vals = [v * scale for v in vals]
     for offset in (16, 8, 4, 2, 1):
@@ -529,20 +538,10 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
   # 513 instructions per step with shuffles, 485 with tiles but 128 B more spilled (the 16 values
   # of a row arrive at once); with bwd_restart "kept" 490 and 462. H100, fwd+bwd: shuffles
   # 1.12-1.14 ms, tiles 1.30, kept 1.14-1.15, kept + tiles 1.15 (docs/benchmarks.md).
-  restart = cfg.tune("bwd_restart", DEFAULT_TUNING["bwd_restart"])
-  if restart not in ("kept", "checkpoint"):
-    raise ValueError(f"tuning bwd_restart must be 'kept' or 'checkpoint', got {restart!r}")
-  restart_kept = restart == "kept"
-  prefetch = cfg.tune("bwd_prefetch", DEFAULT_TUNING["bwd_prefetch"])
-  if prefetch not in ("none", "rows"):
-    raise ValueError(f"tuning bwd_prefetch must be 'none' or 'rows', got {prefetch!r}")
-  put_fma = cfg.tune("bwd_put", DEFAULT_TUNING["bwd_put"])
-  if put_fma not in ("mul", "fma"):
-    raise ValueError(f"tuning bwd_put must be 'mul' or 'fma', got {put_fma!r}")
-  put_fma = put_fma == "fma"
-  bc_load = cfg.tune("bc_load", DEFAULT_TUNING["bc_load"])
-  if bc_load not in ("shuffle", "tile"):
-    raise ValueError(f"tuning bc_load must be 'shuffle' or 'tile', got {bc_load!r}")
+  restart_kept = _choice(cfg, "bwd_restart", ("kept", "checkpoint")) == "kept"
+  prefetch = _choice(cfg, "bwd_prefetch", ("none", "rows"))
+  put_fma = _choice(cfg, "bwd_put", ("mul", "fma")) == "fma"
+  bc_load = _choice(cfg, "bc_load", ("shuffle", "tile"))
   group = min(TILE_GROUP, n) if bc_load == "tile" else 1
   order = warp.state_order(n, group)    # register k of a lane holds state k ^ order
   final = warp.state_order(n)           # the reduce-scatter's k-th sum is state k ^ final
@@ -550,11 +549,7 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
 
   def put(ref, t, vals, scale):
     """Stores the warp sums of vals[j] * scale (state j ^ order) as row t of a dB / dC partial."""
-    if put_fma:
-      sums = warp.reduce_scatter(vals, group, scale, fm.fma)
-    else:
-      sums = warp.reduce_scatter([v * scale for v in vals], group)
-    for k, v in enumerate(sums):
+    for k, v in enumerate(warp.reduce_scatter(vals, group, scale, fm.fma if put_fma else None)):
       idx = final ^ k
       if warps == 1:
         ref[t, idx] = v.astype(ref.dtype)
