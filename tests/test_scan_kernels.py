@@ -155,7 +155,9 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # sub-chunks of 1 and K = 3, two restarts per interval and a partial head of 2); rows loaded
 # where they are used instead of at an interval's start (bwd_prefetch "none"; the default
 # "rows" runs in every other case); dB/dC reduce-scatters with the scale fused into the first
-# level (bwd_put "fma"; with bc_load "tile" at N = 4 that level uses selects, so it scales first).
+# level (bwd_put "fma"; with bc_load "tile" at N = 4 that level uses selects, so it scales first);
+# only every 2nd or 3rd checkpoint stored, the others recomputed by the backward (ckpt_stride; at
+# 11 = 3 + 2 x 4 interval 1 starts from checkpoint 0, at 11 = 2 + 3 x 3 intervals 2 and 1 do).
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
                                     dict(gpu_scan.DEFAULT_TUNING, bwd_num_warps=2, ckpt_every=3),
@@ -166,7 +168,9 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
                                     dict(gpu_scan.DEFAULT_TUNING, bc_load="tile"),
                                     dict(ckpt_every=4, bwd_chunk=2, bwd_restart="kept",
                                          bc_load="tile"),
-                                    dict(ckpt_every=3, bwd_chunk=1, bwd_restart="kept"),
+                                    dict(ckpt_every=3, bwd_chunk=1, bwd_restart="kept",
+                                         ckpt_stride=3),
+                                    dict(gpu_scan.DEFAULT_TUNING, ckpt_stride=2),
                                     dict(gpu_scan.DEFAULT_TUNING, bwd_prefetch="none"),
                                     dict(ckpt_every=3, bwd_chunk=1, bwd_restart="kept",
                                          bwd_prefetch="rows", bc_load="tile"),
@@ -476,8 +480,9 @@ def test_register_cap_reaches_the_triton_module():
                        tuning=dict(gpu_scan.DEFAULT_TUNING, maxnreg=None, bwd_maxnreg=None))
   assert "ttg.maxnreg" not in plain
   for bad in (dict(bwd_maxnreg=300), dict(bwd_maxnreg=16), dict(maxnreg=True),
-              dict(ckpt_every=4, bwd_chunk=3), dict(bwd_chunk=True)):
-    with pytest.raises(ValueError, match="maxnreg|bwd_chunk"):
+              dict(ckpt_every=4, bwd_chunk=3), dict(bwd_chunk=True), dict(ckpt_stride=0),
+              dict(ckpt_stride=True)):
+    with pytest.raises(ValueError, match="maxnreg|bwd_chunk|ckpt_stride"):
       _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
                    tuning=dict(gpu_scan.DEFAULT_TUNING, **bad))
 

@@ -92,6 +92,10 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # fuses the other 8 into that level's adds (tools.kernel_sass, sm_90: 531.8 -> 515.0
 # instructions per step with "rows", 72 -> 88 B spilled). ViM-S fp32 fwd+bwd, one H100 run
 # (fourteenth session): "mul" 0.896 / 0.896 ms, "fma" 0.921 / 0.920; default "mul".
+# ckpt_stride: the training forward stores only every ckpt_stride-th interval's checkpoint (the
+# checkpoints are half the bytes it moves at ViM-S: 308 of 621 MB at stride 1); the backward
+# recomputes each missing one from the stored one before it (a loop over whole intervals, so
+# (ckpt_stride - 1) / 2 more recomputed intervals per interval on average).
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
@@ -110,7 +114,7 @@ DEFAULT_TUNING = dict(block_d=None, num_warps=1, fwd_chunk=4, ckpt_every=4, rows
                       maxnreg=None, bwd_maxnreg=168, bwd_chunk=None, softplus="series",
                       partial_sum="sum", bc_load="shuffle",
                       bwd_restart="checkpoint", bwd_prefetch="rows", bwd_put="mul",
-                      fwd_states=16, bwd_states=16)
+                      fwd_states=16, bwd_states=16, ckpt_stride=1)
 TILE_GROUP = 4                          # bc_load "tile": states per vector load
 BWD_SUB_CHUNK = 2                       # bwd_chunk None: this where it divides ckpt_every
 WIDE_CHANNELS = 65536
@@ -128,6 +132,13 @@ def _choice(cfg, key, options):
   if value not in options:
     raise ValueError(f"tuning {key} must be {' or '.join(map(repr, options))}, got {value!r}")
   return value
+
+
+def _ckpt_stride(cfg):
+  stride = cfg.tune("ckpt_stride", DEFAULT_TUNING["ckpt_stride"])
+  if not (isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1):
+    raise ValueError(f"tuning ckpt_stride must be a positive int, got {stride!r}")
+  return stride
 
 
 def _pow2(n):
@@ -298,7 +309,8 @@ class _RegisterCap:
     cls.installed = True
 
 
-def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead, groups):
+def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead, groups,
+                stride=1):
   """The forward with whole channels per thread: the state is n separate (BD,) vectors, so each
   thread holds all n states of its channels, C.h is summed inside the thread, and B_t, C_t enter
   as scalars (uniform loads). No cross-lane work and no layout conversions. With ``groups`` > 1
@@ -374,10 +386,16 @@ def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead, gr
   # The partial chunk goes first in scan order, so checkpoints sit at head + c * chunk.
   carry = run(0, head, carry)
 
+  def store_checkpoint(c, hs):
+    for i in range(n):
+      rows.store(ck_ref, hs[i], (c, i))
+
   def body(c, carry):
-    if save:
-      for i in range(n):
-        rows.store(ck_ref, carry[0][i], (c, i))
+    if save and stride == 1:
+      store_checkpoint(c, carry[0])
+    elif save:                          # every stride-th interval's (tuning ckpt_stride)
+      pl.when(jax.lax.rem(c, stride) == 0)(lambda: store_checkpoint(jax.lax.div(c, stride),
+                                                                    carry[0]))
     return run(head + c * chunk, chunk, carry)
 
   jax.lax.fori_loop(0, length // chunk, body, carry)
@@ -497,7 +515,7 @@ def _sum_partials(dB_p, dC_p, how):
   return gemv(dB_p, ones), gemv(dC_p, ones)
 
 
-def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
+def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups, stride=1):
   """The backward with one channel per thread (the forward's layout): the state, its adjoint
   and dA are n separate (BD,) vectors, B_t and C_t broadcast per state; only dB and dC cross
   lanes, through one warp reduce-scatter each per step. a_t h_{t-1} is taken as
@@ -720,9 +738,22 @@ def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups):
                         None if adj_rows is None else adj_rows[a:a + len(sub_x)])
     return carry
 
+  def recompute(k, state):
+    # One whole interval from the state before it, for an interval whose checkpoint was not
+    # stored (tuning ckpt_stride): only its last state (and Δ, for the "prev" rule) is kept.
+    base, h, prev = state
+    pre = [load_walk(base + i) for i in range(chunk)]
+    xs, hs = walk(base, 0, chunk, h, prev, pre)
+    return base + chunk, hs[-1], xs[-1]["dt"]
+
   def body(i, carry):
     c = full - 1 - i
-    ck = warp.permute([rows.load(ck_ref, (c, j)) for j in range(n)], order, group)
+    kept = jax.lax.div(c, stride) if stride > 1 else c   # non-negative: lax.div floors
+    ck = warp.permute([rows.load(ck_ref, (kept, j)) for j in range(n)], order, group)
+    if stride > 1:
+      base = head + kept * stride * chunk
+      prev = prev_before(base) if prev_rule else zeros()
+      _, ck, _ = jax.lax.fori_loop(0, c - kept * stride, recompute, (base, ck, prev))
     return interval(head + c * chunk, chunk, ck, carry)
 
   carry = jax.lax.fori_loop(0, full, body, carry)
@@ -834,14 +865,16 @@ def forward(cfg, args, save):
   rows_ahead = cfg.tune("rows_ahead", None) or (2 if wide else 4)
   grid = _Grid(cfg, length, block_d, n, pl.cdiv(dim, block_d), batch, groups)
   out_shape, out_specs = grid.outputs([args.u])
+  stride = _ckpt_stride(cfg) if save else 1
   if save:
-    n_ck = max(length // chunk, 1)
+    n_ck = max(-(-(length // chunk) // stride), 1)
     out_shape.append(jax.ShapeDtypeStruct((batch, n_ck, n_all, dim), jnp.float32))
     out_specs.append(grid.checkpoints(n_ck))
   xs = _inputs(cfg, args, at, B, C)
   elems = batch * length * dim * n_all
   kernel = functools.partial(_fwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
-                             chunk=chunk, save=save, rows_ahead=rows_ahead, groups=groups)
+                             chunk=chunk, save=save, rows_ahead=rows_ahead, groups=groups,
+                             stride=stride)
   outs = pl.pallas_call(
       kernel, grid=grid.grid, in_specs=grid.in_specs, out_specs=out_specs,
       out_shape=out_types(out_shape, args),
@@ -897,7 +930,8 @@ def backward(cfg, args, ckpt, dy):
           and chunk % sub == 0):
     raise ValueError(f"tuning bwd_chunk must divide ckpt_every = {chunk}, got {sub!r}")
   kernel = functools.partial(_bwd_kernel, cfg=cfg, length=length, block_d=block_d, dim=dim, n=n,
-                             chunk=chunk, sub=sub, warps=warps, groups=groups)
+                             chunk=chunk, sub=sub, warps=warps, groups=groups,
+                             stride=_ckpt_stride(cfg))
   outs = pl.pallas_call(
       kernel, grid=grid.grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_types(out_shape, args),
