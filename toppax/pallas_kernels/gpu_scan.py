@@ -312,8 +312,7 @@ class _RegisterCap:
     cls.installed = True
 
 
-def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead, groups,
-                stride=1):
+def _fwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, save, rows_ahead, groups, stride):
   """The forward with whole channels per thread: the state is n separate (BD,) vectors, so each
   thread holds all n states of its channels, C.h is summed inside the thread, and B_t, C_t enter
   as scalars (uniform loads). No cross-lane work and no layout conversions. With ``groups`` > 1
@@ -518,7 +517,7 @@ def _sum_partials(dB_p, dC_p, how):
   return gemv(dB_p, ones), gemv(dC_p, ones)
 
 
-def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups, stride=1):
+def _bwd_kernel(*refs, cfg, length, block_d, dim, n, chunk, sub, warps, groups, stride):
   """The backward with one channel per thread (the forward's layout): the state, its adjoint
   and dA are n separate (BD,) vectors, B_t and C_t broadcast per state; only dB and dC cross
   lanes, through one warp reduce-scatter each per step. a_t h_{t-1} is taken as
