@@ -99,6 +99,9 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # one H100 run (fifteenth session): stride 1 0.899 / 0.900 ms, stride 2 0.951 (forward 254.8 ->
 # 209.1 µs, backward 598.0 -> 692.7: an interval recomputed costs twice what storing and reading
 # it saves). Default 1; stride 2 halves the checkpoints' memory (308 -> 157 MB per scan there).
+# ckpt_every 2 with stride 2 stores every 4 steps like the default and needs few registers
+# (8 B spilled at cap 168), but lower caps for more warps per SM lost (sixteenth session, H100:
+# cap 168 0.903 ms, 152 0.949, 128 1.122; default 0.899).
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
 # software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
 # and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where

@@ -222,7 +222,9 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
 # B/C as 4-state vectors (bc_load "tile": 1-2% slower on the H100), and the backward's rows
 # loaded where used (bwd_prefetch "none", the default until the thirteenth session; the other
 # variants take the default "rows"), and the dB/dC scale fused into the reduce-scatter's first
-# level (bwd_put "fma": 3% fewer instructions, 0.921 vs 0.896 ms on an H100, fourteenth session).
+# level (bwd_put "fma": 3% fewer instructions, 0.921 vs 0.896 ms on an H100, fourteenth session),
+# and (sixteenth session) checkpoints every 2 steps stored every other one (ckpt_stride 2: few
+# registers) under caps of 152-128 for 13-16 warps per SM: 0.949-1.122 vs 0.899 ms.
 FWD_VARIANTS = [dict(block_d=64, num_warps=1, fwd_chunk=4, rows_ahead=r, bc_ahead=1)
                 for r in (2, 4)]
 BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
