@@ -103,10 +103,13 @@ from toppax.pallas_kernels.common import (LN2, LOG2E, ScanArgs, out_types, sigmo
 # (8 B spilled at cap 168), but lower caps for more warps per SM lost (sixteenth session, H100:
 # cap 168 0.903 ms, 152 0.949, 128 1.122; default 0.899).
 # bwd_num_warps warps of 32 channels per program. num_stages > 1 asks Triton to
-# software-pipeline the loop's loads (2 and 3 measured no faster). bc_load ("shuffle" | "tile")
-# and bwd_restart ("checkpoint" | "kept"): how the backward hands B_t, C_t to the lanes and where
-# its earlier sub-chunks restart (_bwd_kernel); "tile" and "kept" execute fewer instructions
-# (tools.kernel_sass) but measured no faster on an H100 (tenth session), so the defaults stay.
+# software-pipeline the loop's loads, but it does not pipeline these loops: 2 and 3 measured no
+# faster (third session), and with 2 both kernels keep the default's static counts
+# (tools.kernel_sass, triton 3.6.0, eighteenth session: no LDGSTS in the loop).
+# bc_load ("shuffle" | "tile") and bwd_restart ("checkpoint" | "kept"): how the backward hands
+# B_t, C_t to the lanes and where its earlier sub-chunks restart (_bwd_kernel); "tile" and
+# "kept" execute fewer instructions (tools.kernel_sass) but measured no faster on an H100 (tenth
+# session), so the defaults stay.
 # fwd_states / bwd_states: states per forward / backward program (a power of two, at most 32);
 # more states split into groups of that many, one program each, whose partial y (forward) or
 # du/dΔ/dz (backward) XLA sums. The kernels' code grows with the states a program holds, and
