@@ -1,12 +1,16 @@
-"""Input pipeline: deterministic order, per-host slices, masked eval padding, sources, errors."""
+"""Input pipeline: deterministic order, per-host slices, masked eval padding, sources, errors,
+crops against the previous array implementation, grain worker processes."""
+import io
 import os
 import zipfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import digits
 from toppax import input_pipeline as ip
+from toppax.data import transforms
 
 CIFAR_TEST_ZIP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10",
                               "cifar10-test.zip")
@@ -122,3 +126,106 @@ def test_non_positive_batch_sizes_name_the_config_field():
     ip.TrainPlan(num_examples=100, global_batch=0)
   with pytest.raises(ValueError, match=r"set config.eval_batch_size"):
     ip.eval_plan(10, 0)
+
+
+# --- crops: the previous implementation (crop the decoded array, then PIL bicubic) -------------
+
+
+def _reference_rrc(image, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  h, w = image.shape[:2]
+  for _ in range(10):
+    target = h * w * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+      break
+  else:
+    ch, cw = min(h, int(round(w * 4 / 3))), min(w, int(round(h * 4 / 3)))
+    top, left = (h - ch) // 2, (w - cw) // 2
+  crop = image[top:top + ch, left:left + cw]
+  if crop.shape[:2] == (size, size):
+    return crop, (top, left, ch, cw)
+  out = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+  return out, (top, left, ch, cw)
+
+
+def _reference_centre(image, size, crop_fraction):
+  h, w = image.shape[:2]
+  short = int(round(size / crop_fraction))
+  scale = short / min(h, w)
+  rh, rw = max(short, int(round(h * scale))), max(short, int(round(w * scale)))
+  if (rh, rw) != (h, w):
+    image = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BICUBIC))
+  top, left = (rh - size) // 2, (rw - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def _photo(w, h):
+  from sklearn.datasets import load_sample_images
+  return np.asarray(Image.fromarray(load_sample_images().images[0]).resize((w, h)))
+
+
+def test_crops_match_the_previous_implementation_on_fixed_seeds():
+  photo = _photo(500, 375)
+  areas = []
+  for seed in range(200):
+    ref, box = _reference_rrc(photo, 64, np.random.default_rng(seed))
+    assert transforms.sample_crop(375, 500, np.random.default_rng(seed)) == box
+    np.testing.assert_array_equal(
+        transforms.random_resized_crop(photo, 64, np.random.default_rng(seed)), ref)
+    areas.append(box[2] * box[3] / (375 * 500))
+    assert 0.74 < box[3] / box[2] < 1.35                   # aspect ratio within [3/4, 4/3]
+  # Area fractions drawn in [0.08, 1] (large ones with extreme aspects are redrawn).
+  assert 0.08 * 0.97 <= min(areas) < 0.15 and 0.9 < max(areas) <= 1.0
+  for shape, frac in [((375, 500), 0.875), ((300, 200), 0.875), ((256, 256), 0.875),
+                      ((427, 640), 1.0)]:
+    im = _photo(shape[1], shape[0])
+    diff = np.abs(transforms.center_crop(im, 224, frac).astype(int)
+                  - _reference_centre(im, 224, frac))
+    assert diff.max() <= 2 and diff.mean() < 0.2
+
+
+def test_jpeg_crops_decode_at_the_scale_they_need():
+  buf = io.BytesIO()
+  Image.fromarray(_photo(1600, 1200)).save(buf, "JPEG", quality=90)
+  data = buf.getvalue()
+  im = Image.open(io.BytesIO(data))
+  assert transforms._draft(im, 400, 300) == 4 and im.size == (400, 300)
+  full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+  diffs = []
+  for seed in range(20):
+    ref, _ = _reference_rrc(full, 224, np.random.default_rng(seed))
+    new = transforms.random_resized_crop(Image.open(io.BytesIO(data)), 224,
+                                         np.random.default_rng(seed))
+    diffs.append(np.abs(new.astype(int) - ref).mean())
+  # DCT-domain reduction then bicubic vs full decode then bicubic: a few grey levels apart.
+  assert np.mean(diffs) < 2.5, diffs
+  centre = transforms.center_crop(Image.open(io.BytesIO(data)), 224)
+  assert np.abs(centre.astype(int) - _reference_centre(full, 224, 0.875)).mean() < 4
+
+
+def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
+  # A zip source (its archive handle reopens in each worker), 2 processes vs this process.
+  path = tmp_path / "tiny.zip"
+  rng = np.random.default_rng(0)
+  with zipfile.ZipFile(path, "w") as z:
+    for i in range(24):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+      z.writestr(f"top/c{i % 3}/{i:03d}.jpg", buf.getvalue())
+  c = digits.get_config()
+  c.unlock()
+  c.batch_size, c.aug.flip = 8, True
+  src = ip.FolderSource(str(path))
+  plan = ip.TrainPlan(len(src), c.batch_size)
+  c.data.workers = 0
+  here = list(ip.train_batches(src, plan, c, 0, 6))
+  c.data.workers = 2
+  with ip.train_batches(src, plan, c, 2, 6) as batches:
+    there = list(batches)
+    assert batches.count == 4 and batches.total_wait_s >= batches.last_wait_s >= 0
+  assert len(there) == 4 and there[0]["image"].shape == (8, 16, 16, 3)
+  for a, b in zip(here[2:], there):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
