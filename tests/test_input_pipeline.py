@@ -60,6 +60,7 @@ def test_digits_source_and_masked_eval_batches():
   assert image.shape == (8, 8, 3) and image.dtype == np.uint8 and image.max() > 200
   assert set(np.unique(train.labels)) == set(range(10))
   c = digits.get_config()
+  c.data.workers = 0          # this process (the worker-process path is tested below)
   batches = list(ip.eval_batches(test, c))
   assert [b["image"].shape for b in batches] == [(128, 16, 16, 3)] * 3
   mask = np.concatenate([b["mask"] for b in batches])
@@ -70,6 +71,7 @@ def test_digits_source_and_masked_eval_batches():
 
 def test_train_batches_resume_at_any_step():
   c = digits.get_config()
+  c.data.workers = 0
   src = ip.DigitsSource("train")
   plan = ip.TrainPlan(len(src), c.batch_size)
   full = list(ip.train_batches(src, plan, c, 0, 5))
