@@ -106,6 +106,13 @@ class Files:
       self._zip, self._pid = zipfile.ZipFile(self.archive), os.getpid()
     return self._zip
 
+  def raw(self, name: str):
+    """A binary file object of ``name``."""
+    if self.archive is None:
+      return open(name, "rb")
+    with self._lock:
+      return io.BytesIO(self._handle().read(name))
+
   def open(self, name: str) -> Image.Image:
     """A lazily decoded PIL image (only the header is read)."""
     if self.archive is None:
