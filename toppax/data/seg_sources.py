@@ -21,8 +21,8 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from toppax.data.sources import (IMAGE_EXTENSIONS, DatasetNotFoundError, Files, open_tfds,
-                                 zip_path)
+from toppax.data.sources import (IMAGE_EXTENSIONS, DatasetNotFoundError, Files, open_encoded,
+                                 open_tfds, zip_path)
 
 IGNORE_INDEX = 255
 TRAIN_SPLITS = ("train", "training")
@@ -93,8 +93,7 @@ class PairSource:
     label = _label_array(self._files.open(self._labels[index].decode()))
     if self.reduce_zero:
       label = reduce_zero_label(label)
-    else:
-      label = np.where(label < self.num_classes, label, IGNORE_INDEX).astype(np.uint8)
+    label = np.where(label < self.num_classes, label, IGNORE_INDEX).astype(np.uint8)
     if label.shape != (image.size[1], image.size[0]):
       raise ValueError(f"label map {self._labels[index].decode()} is {label.shape[::-1]} "
                        f"(w, h) but its image is {image.size}: they must match")
@@ -223,13 +222,16 @@ class TfdsSegSource:
     return self._ds[int(index)]
 
   def size(self, index):
-    w, h = Image.open(io.BytesIO(self._example(index)["image"])).size
-    return h, w
+    image = open_encoded(self._example(index)["image"])
+    return (image.size[1], image.size[0]) if isinstance(image, Image.Image) else image.shape[:2]
 
   def load(self, index):
     ex = self._example(index)
-    label = _label_array(Image.open(io.BytesIO(ex["annotation"])))
-    return Image.open(io.BytesIO(ex["image"])), reduce_zero_label(label)
+    label = open_encoded(ex["annotation"])
+    label = _label_array(label) if isinstance(label, Image.Image) else np.asarray(label)
+    if label.ndim == 3:
+      label = label[..., 0]
+    return open_encoded(ex["image"]), reduce_zero_label(label)
 
 
 def make_seg_source(data_config, split: str):

@@ -256,7 +256,7 @@ def open_tfds(name: str, split: str, data_dir: str | None, *, skip_decoding=(), 
   try:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     decoders = {k: tfds.decode.SkipDecoding() for k in skip_decoding} or None
-    ds = tfds.data_source(name, split=split, data_dir=data_dir, decoders=decoders,
+    ds = tfds.data_source(name, split=split, data_dir=data_dir, decoders=decoders, download=False,
                           builder_kwargs=dict(file_format="array_record"))
   except Exception as e:  # tfds raises several types for "not prepared"
     raise tfds_not_prepared(name, split, data_dir, e, hint) from e
@@ -299,9 +299,17 @@ class TfdsSource:
     if getattr(self, "_ds", None) is None or self._pid != os.getpid():
       self._open()
     ex = self._ds[int(index)]
-    return Image.open(io.BytesIO(ex["image"])), int(ex["label"])
+    return open_encoded(ex["image"]), int(ex["label"])
 
   read = _ReadMixin.read
+
+
+def open_encoded(value):
+  """A lazily decoded PIL image of encoded bytes (TFDS with SkipDecoding), or the array that a
+  TFDS version without SkipDecoding support decoded already."""
+  if isinstance(value, (bytes, np.bytes_)):
+    return Image.open(io.BytesIO(value))
+  return to_rgb_array(value) if np.ndim(value) == 3 else np.asarray(value)
 
 
 _DECODED: dict = {}
