@@ -73,6 +73,12 @@ def write_jpegs(root: str, n: int, size: tuple[int, int], quality: int, seed: in
           "mean_kb": round(float(np.mean(nbytes)) / 1024, 1)}
 
 
+class _Cfg(dict):
+  """A dict with attribute access, standing in for a ConfigDict."""
+  __getattr__ = dict.__getitem__
+  __setattr__ = dict.__setitem__
+
+
 def _config(data_root: str | None):
   from toppax import input_pipeline
   if FLAGS.config:
@@ -84,14 +90,11 @@ def _config(data_root: str | None):
     spec.loader.exec_module(module)
     c = module.get_config(arg or None)
   else:
-    import ml_collections
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = {"img_size": FLAGS.img_size}
-    c.data = {"source": "folder", "train_dir": "", "eval_dir": "", "num_classes": 4,
-              "workers": 0, "prefetch": FLAGS.prefetch, "cache": False}
-    c.aug = {"crop_scale": (0.08, 1.0), "flip": True, "on_device": False, "eval_crop": 0.875}
-    c.eval_batch_size = FLAGS.batch
+    # The fields the pipeline reads (no ml_collections needed on a bare machine).
+    c = _Cfg(seed=0, eval_batch_size=FLAGS.batch, model=_Cfg(img_size=FLAGS.img_size),
+             data=_Cfg(source="folder", train_dir="", eval_dir="", name="", num_classes=4,
+                       workers=0, prefetch=FLAGS.prefetch, cache=False),
+             aug=_Cfg(crop_scale=(0.08, 1.0), flip=True, on_device=False, eval_crop=0.875))
   c.unlock() if hasattr(c, "unlock") else None
   if data_root:
     c.data.source, c.data.train_dir, c.data.eval_dir = "folder", data_root, data_root
