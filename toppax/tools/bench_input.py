@@ -75,8 +75,13 @@ def write_jpegs(root: str, n: int, size: tuple[int, int], quality: int, seed: in
 
 class _Cfg(dict):
   """A dict with attribute access, standing in for a ConfigDict."""
-  __getattr__ = dict.__getitem__
   __setattr__ = dict.__setitem__
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
 
 
 def _config(data_root: str | None):
