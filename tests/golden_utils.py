@@ -83,3 +83,42 @@ def shapes_to_arrays(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray
       "param_ndims": np.array([len(shapes[k]) for k in keys], np.int64),
       "param_shapes_flat": np.array([d for k in keys for d in shapes[k]], np.int64),
   }
+
+
+def golden_images(seed: int, shape) -> np.ndarray:
+  """NHWC float32 images of the segmentation goldens: regenerated from the seed (the large
+  goldens do not store them; the small ones store them as a check of this recipe)."""
+  return np.random.default_rng([int(seed), 11]).standard_normal(tuple(int(s) for s in shape)) \
+      .astype(np.float32)
+
+
+def load_seg_golden(path):
+  """Returns (state_dict, arrays, create_kwargs) from a segmentation golden (tests/README.md).
+
+  Besides ``load_golden``'s layout, the npz holds ``const:<key>`` for official buffers that are
+  fixed by the architecture (ViM's RoPE tables, stored at their official value instead of being
+  perturbed), ``toppax:<name>`` for the toppax model name and its ``create`` keyword arguments,
+  ``image_shape`` (images are regenerated with ``golden_images`` when not stored), and
+  ``<array>_rows`` / ``<array>_cols`` when an NHWC array is stored at a subset of its pixels.
+  """
+  sd, arrays = load_golden(path)
+  for k in [k for k in arrays if k.startswith("const:")]:
+    sd[k[len("const:"):]] = arrays.pop(k)
+  kwargs = {}
+  for k in [k for k in arrays if k.startswith("toppax:")]:
+    v = arrays.pop(k)
+    kwargs[k[len("toppax:"):]] = v.item() if v.ndim == 0 else tuple(v.tolist())
+  with np.load(path) as data:
+    seed = int(data["seed"])
+  images = golden_images(seed, arrays["image_shape"])
+  if "images" in arrays:
+    assert np.array_equal(arrays["images"], images), "golden images do not follow golden_images"
+  arrays["images"] = images
+  return sd, arrays, kwargs
+
+
+def subsample(full: np.ndarray, arrays: dict, name: str) -> np.ndarray:
+  """``full`` (B, H, W, C) taken at the pixels where golden array ``name`` was stored."""
+  if name + "_rows" in arrays:
+    full = full[:, arrays[name + "_rows"]][:, :, arrays[name + "_cols"]]
+  return full

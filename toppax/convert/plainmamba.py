@@ -49,13 +49,15 @@ def _batch_norm(table, model, path, key):
     table.get(f"{key}.num_batches_tracked")
 
 
-def convert_into(model, table: KeyTable):
+def convert_into(model, table: KeyTable, *, prefix: str = "backbone."):
+  """Fills ``model`` from ``table``: backbone keys under ``prefix`` (mmcls and mmseg both use
+  "backbone."), the classifier under ``head.fc`` unless the model has none (num_classes 0)."""
   cfg = model.cfg
   n_ema = sum(1 for k in table.ignored if k.startswith("ema_"))
   if n_ema:
     log.info("PlainMamba checkpoint: ignoring %d ema_* buffers (the regular keys hold the "
              "evaluated EMA weights)", n_ema)
-  pe = "backbone.patch_embed"
+  pe = f"{prefix}patch_embed"
   _conv(table, model, "patch_embed.stem_conv", f"{pe}.stem.0", bias=False)
   _batch_norm(table, model, "patch_embed.stem_bn", f"{pe}.stem.1")
   for i in range(cfg.num_convs_patch_embed):
@@ -64,7 +66,7 @@ def convert_into(model, table: KeyTable):
     _batch_norm(table, model, f"patch_embed.bns.{i}", f"{pe}.convs.{3 * i + 1}")
   _conv(table, model, "patch_embed.projection", f"{pe}.projection", bias=True)
 
-  pos = table.get("backbone.pos_embed")
+  pos = table.get(f"{prefix}pos_embed")
   if pos is not None:
     want = tuple(model.pos_embed[...].shape)
     if pos.shape != want and pos.ndim == 3 and pos.shape[0] == 1 and pos.shape[2] == want[2] \
@@ -73,13 +75,13 @@ def convert_into(model, table: KeyTable):
       g = math.isqrt(pos.shape[1])
       pos = resize_pos_embed(pos, (g, g), cfg.grid)
     if pos.shape != want:
-      table.mark_misshaped("backbone.pos_embed", f"checkpoint {pos.shape}, model expects {want} "
+      table.mark_misshaped(f"{prefix}pos_embed", f"checkpoint {pos.shape}, model expects {want} "
                            f"(img_size {cfg.img_size}, patch_size {cfg.patch_size})")
     else:
       model.pos_embed[...] = pos
 
   for i in range(cfg.num_layers):
-    p, k = f"layers.{i}", f"backbone.layers.{i}"
+    p, k = f"layers.{i}", f"{prefix}layers.{i}"
     table.assign(model, f"{p}.norm.scale", f"{k}.norm.weight")
     table.assign(model, f"{p}.norm.bias", f"{k}.norm.bias")
     m, km = f"{p}.mamba", f"{k}.mamba"
@@ -94,6 +96,7 @@ def convert_into(model, table: KeyTable):
     if i in cfg.layers_with_dwconv:
       _conv(table, model, f"{p}.dw_conv", f"{k}.dw.0", bias=False)
       _batch_norm(table, model, f"{p}.dw_bn", f"{k}.dw.1")
-  table.assign(model, "ln1.scale", "backbone.ln1.weight")
-  table.assign(model, "ln1.bias", "backbone.ln1.bias")
-  _linear(table, model, "head", "head.fc")
+  table.assign(model, "ln1.scale", f"{prefix}ln1.weight")
+  table.assign(model, "ln1.bias", f"{prefix}ln1.bias")
+  if cfg.num_classes > 0:
+    _linear(table, model, "head", "head.fc")

@@ -31,24 +31,42 @@ def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int]) -> np.n
   return out.astype(pos_embed.dtype)
 
 
-def convert_into(model, table: KeyTable):
+def resample_grid_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int]) -> np.ndarray:
+  """Resamples a position embedding without cls row, (1, g * g, dim), to ``new_grid`` with
+  torch-compatible bicubic interpolation (align_corners=False)."""
+  _, m, dim = pos_embed.shape
+  g = math.isqrt(m)
+  if g * g != m:
+    raise ValueError(f"pos_embed has {m} rows, not a square grid: cannot resample")
+  grid = torch_bicubic_resize(pos_embed[0].reshape(g, g, dim), *new_grid)
+  return grid.reshape(1, -1, dim).astype(pos_embed.dtype)
+
+
+def convert_into(model, table: KeyTable, *, prefix: str = ""):
+  """Fills ``model`` from ``table``; official keys are looked up under ``prefix`` ("backbone."
+  in mmseg segmentation checkpoints). A model without cls token (``cfg.cls_token`` False) or
+  without classifier (``cfg.num_classes`` 0) takes neither key."""
   cfg = model.cfg
-  table.assign(model, "patch_embed.proj.kernel", "patch_embed.proj.weight",
+  with_cls = getattr(cfg, "cls_token", True)
+  k_ = lambda key: prefix + key
+  table.assign(model, "patch_embed.proj.kernel", k_("patch_embed.proj.weight"),
                lambda w: np.transpose(w, (2, 3, 1, 0)))
-  table.assign(model, "patch_embed.proj.bias", "patch_embed.proj.bias")
-  table.assign(model, "cls_token", "cls_token")
-  pe = table.get("pos_embed")
+  table.assign(model, "patch_embed.proj.bias", k_("patch_embed.proj.bias"))
+  if with_cls:
+    table.assign(model, "cls_token", k_("cls_token"))
+  pe = table.get(k_("pos_embed"))
   if pe is not None:
+    want = tuple(model.pos_embed[...].shape)
+    extra = 1 if with_cls else 0
     if pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == cfg.embed_dim \
-        and pe.shape[1] != cfg.num_tokens and math.isqrt(pe.shape[1] - 1) ** 2 == pe.shape[1] - 1:
-      pe = resample_pos_embed(pe, cfg.grid)
-    if pe.shape != tuple(model.pos_embed[...].shape):
-      table.mark_misshaped("pos_embed", f"checkpoint {pe.shape}, model expects "
-                           f"{tuple(model.pos_embed[...].shape)}")
+        and pe.shape != want and math.isqrt(pe.shape[1] - extra) ** 2 == pe.shape[1] - extra:
+      pe = resample_pos_embed(pe, cfg.grid) if with_cls else resample_grid_pos_embed(pe, cfg.grid)
+    if pe.shape != want:
+      table.mark_misshaped(k_("pos_embed"), f"checkpoint {pe.shape}, model expects {want}")
     else:
       model.pos_embed[...] = pe
   for i in range(cfg.depth):
-    p, k = f"layers.{i}.mixer", f"layers.{i}.mixer"
+    p, k = f"layers.{i}.mixer", k_(f"layers.{i}.mixer")
     table.assign(model, f"{p}.in_proj.kernel", f"{k}.in_proj.weight", _T)
     table.assign(model, f"{p}.out_proj.kernel", f"{k}.out_proj.weight", _T)
     for sfx in ("", "_b"):
@@ -61,7 +79,8 @@ def convert_into(model, table: KeyTable):
       table.assign(model, f"{p}.D{sfx}", f"{k}.D{sfx}")
     table.assign(model, f"{p}.A_log", f"{k}.A_log")
     table.assign(model, f"{p}.A_b_log", f"{k}.A_b_log")
-    table.assign(model, f"layers.{i}.norm.weight", f"layers.{i}.norm.weight")
-  table.assign(model, "norm_f.weight", "norm_f.weight")
-  table.assign(model, "head.kernel", "head.weight", _T)
-  table.assign(model, "head.bias", "head.bias")
+    table.assign(model, f"layers.{i}.norm.weight", k_(f"layers.{i}.norm.weight"))
+  table.assign(model, "norm_f.weight", k_("norm_f.weight"))
+  if cfg.num_classes > 0:
+    table.assign(model, "head.kernel", k_("head.weight"), _T)
+    table.assign(model, "head.bias", k_("head.bias"))

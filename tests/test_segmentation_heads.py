@@ -1,0 +1,147 @@
+"""Segmentation neck, tap norms and heads vs mmsegmentation 0.29.1 / the official backbones'
+necks, fed with the official intermediate maps of the goldens (tests/README.md). Independent of
+the backbones: the official maps before the neck (``tap*``) and the maps that enter the decode
+head (``feature*``) are stored in the reduced goldens."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.golden_utils import load_seg_golden
+from toppax.convert.common import KeyTable, get_by_path
+from toppax.convert.segmentation import convert_heads, convert_neck
+from toppax.segmentation import layers
+from toppax.segmentation.heads import FCNHead, UPerHead
+from toppax.segmentation.neck import ViMNeck
+
+GOLDENS = pathlib.Path(__file__).parent / "goldens"
+REDUCED = ["seg_vim_reduced", "seg_vim_s_reduced", "seg_plainmamba_reduced"]
+TRAINED = ["seg_vim_reduced", "seg_plainmamba_reduced"]
+
+
+def _close(got, want, what, rel=1e-4):
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape, f"{what}: shape {got.shape} != official {want.shape}"
+  scale = max(float(np.abs(want).max()), 1e-6)
+  err = float(np.abs(got - want).max())
+  assert err <= rel * scale, f"{what}: max |error| {err:.3e} > {rel:g} x official scale {scale:.3f}"
+  return err
+
+
+class Heads(nnx.Module):
+  """The two heads as the official EncoderDecoder holds them."""
+
+  def __init__(self, dim, channels, aux_channels, num_classes, aux_index):
+    rngs = nnx.Rngs(0)
+    self.aux_index = aux_index
+    self.decode_head = UPerHead((dim,) * 4, channels, num_classes, rngs=rngs)
+    self.auxiliary_head = FCNHead(dim, aux_channels, num_classes, rngs=rngs)
+
+  @nnx.jit  # one compile instead of op-by-op dispatch
+  def __call__(self, feats):
+    return self.decode_head(feats), self.auxiliary_head(feats[self.aux_index])
+
+
+def _heads(name):
+  sd, arrays, kw = load_seg_golden(GOLDENS / f"{name}.npz")
+  dim = arrays["feature0"].shape[-1]
+  aux_index = 3 if "plainmamba" in name else 2
+  heads = Heads(dim, kw["channels"], kw["aux_channels"], kw["num_classes"], aux_index)
+  table = KeyTable({k: v for k, v in sd.items() if k.startswith(("decode_head.", "auxiliary_head."))},
+                   ignore=lambda k: k.endswith("num_batches_tracked"))
+  convert_heads(heads, table)
+  table.finish(name)  # strict: every head key of the official model is used
+  feats = [jnp.asarray(arrays[f"feature{i}"]) for i in range(4)]
+  return heads, arrays, feats
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_heads_match_official_on_official_features(name):
+  heads, arrays, feats = _heads(name)
+  with jax.default_matmul_precision("highest"):
+    decode, aux = heads(feats)
+    logits = layers.resize(decode, arrays["images"].shape[1:3])
+  _close(decode, arrays["decode"], "decode logits")
+  _close(aux, arrays["aux"], "aux logits")
+  _close(logits, arrays["logits"], "full-resolution logits")
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_heads_train_mode_batch_statistics_and_running_update(name):
+  """Training mode: BN normalises with batch statistics and updates the running ones as torch
+  (momentum 0.1, unbiased variance); dropout is switched off on both sides for the comparison."""
+  heads, arrays, feats = _heads(name)
+  heads.train()
+  for head in (heads.decode_head, heads.auxiliary_head):
+    head.cls_seg.dropout.deterministic = True
+  with jax.default_matmul_precision("highest"):
+    decode, aux = heads(feats)
+  _close(decode, arrays["train_decode"], "train-mode decode logits")
+  _close(aux, arrays["train_aux"], "train-mode aux logits")
+  flat, offset = arrays["train_stats_flat"], 0
+  for key, size in zip(arrays["train_stat_keys"], arrays["train_stat_sizes"]):
+    want = flat[offset:offset + size]
+    offset += size
+    # Official name -> ours: psp_modules.i.1 is the ConvModule after the pooling.
+    path = re.sub(r"psp_modules\.(\d+)\.1\.", r"psp_modules.\1.conv.", str(key))
+    path = path.replace("running_mean", "mean").replace("running_var", "var")
+    _close(get_by_path(heads, path)[...], want, str(key), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["seg_vim_reduced", "seg_vim_s_reduced"])
+def test_vim_neck_matches_official(name):
+  sd, arrays, kw = load_seg_golden(GOLDENS / f"{name}.npz")
+  dim = arrays["tap0"].shape[-1]
+  neck = ViMNeck(dim, 16, rngs=nnx.Rngs(0))
+  run = nnx.jit(lambda neck, maps: neck(maps))
+  table = KeyTable({k: v for k, v in sd.items() if k.startswith(("backbone.fpn",))},
+                   ignore=lambda k: k.endswith("num_batches_tracked"))
+  convert_neck(neck, table)
+  table.finish(name)
+  with jax.default_matmul_precision("highest"):
+    out = run(neck, [jnp.asarray(arrays[f"tap{i}"]) for i in range(4)])
+  for i in range(4):
+    _close(out[i], arrays[f"feature{i}"], f"fpn{i + 1}")
+
+
+def test_plainmamba_tap_norms_match_official():
+  sd, arrays, kw = load_seg_golden(GOLDENS / "seg_plainmamba_reduced.npz")
+  for j, i in enumerate(kw["out_indices"]):
+    prefix = "backbone.ln1" if i == kw["num_layers"] - 1 else f"backbone.norm_layer{i}"
+    w, b = sd[f"{prefix}.weight"], sd[f"{prefix}.bias"]
+    norm = nnx.LayerNorm(w.shape[0], epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0))
+    norm.scale[...], norm.bias[...] = jnp.asarray(w), jnp.asarray(b)
+    _close(norm(jnp.asarray(arrays[f"tap{j}"])), arrays[f"feature{j}"], f"{prefix} on tap {i}")
+
+
+def test_resize_matches_official_whole_inference_rescale():
+  """mmseg's whole_inference resizes the input-size logits to the original image size (here one
+  side shrinks, the other grows): bilinear, align_corners=False, no antialiasing."""
+  _, arrays, _ = load_seg_golden(GOLDENS / "seg_plainmamba_reduced.npz")
+  got = layers.resize(jnp.asarray(arrays["logits"]), arrays["whole_logits"].shape[1:3])
+  _close(got, arrays["whole_logits"], "resized logits")
+
+
+@pytest.mark.parametrize("n_in,n_out", [(2, 3), (3, 2), (5, 6), (7, 3), (16, 6), (4, 4), (1, 1)])
+def test_adaptive_pool_bins_match_torch_definition(n_in, n_out):
+  x = np.random.default_rng(0).standard_normal((1, n_in, n_in, 2)).astype(np.float32)
+  got = np.asarray(layers.adaptive_avg_pool(jnp.asarray(x), n_out))
+  for i in range(n_out):
+    for j in range(n_out):
+      r0, r1 = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+      c0, c1 = (j * n_in) // n_out, -((-(j + 1) * n_in) // n_out)
+      np.testing.assert_allclose(got[0, i, j], x[0, r0:r1, c0:c1].mean((0, 1)), rtol=1e-6,
+                                 atol=1e-6)
+
+
+def test_batchnorm_training_needs_more_than_one_value():
+  bn = layers.BatchNorm(3, rngs=nnx.Rngs(0))
+  bn.train()
+  with pytest.raises(ValueError, match="more than one value per channel"):
+    bn(jnp.ones((1, 1, 1, 3)))
