@@ -11,7 +11,10 @@ saved as baseline 4:2:0 JPEGs at ``--quality`` 94, about 63 KB each on average (
 the ImageNet-like files the pipeline was first measured on). Each worker count runs the
 training (RandomResizedCrop + flip) and/or evaluation (resize + centre crop) pipeline for
 ``--seconds`` after a warm-up of two batches per worker, and reports images per second over
-the whole host (the consumer only takes batches). A table goes to stdout, JSON to ``--out``.
+the whole host (the consumer only takes batches) and the CPU time spent per image by this
+process and its workers (which, unlike img/s, does not depend on other load on the machine).
+A table goes to stdout, JSON to ``--out``. Scripts that start worker processes need an
+``if __name__ == "__main__":`` guard (they are spawned, and re-import the main module).
 """
 from __future__ import annotations
 
@@ -119,14 +122,29 @@ def _time(make, batch: int, workers: int) -> dict:
   try:
     for _ in range(warmup):
       next(batches)
-    t0, n = time.perf_counter(), 0
+    t0, n, cpu0 = time.perf_counter(), 0, _cpu_seconds()
     while time.perf_counter() - t0 < FLAGS.seconds:
       next(batches)
       n += 1
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
   finally:
     batches.close()
-  return {"img_per_s": n * batch / dt, "batches": n, "seconds": dt}
+  return {"img_per_s": n * batch / dt, "batches": n, "seconds": dt,
+          "cpu_ms_per_img": 1e3 * cpu / max(n * batch, 1)}
+
+
+def _cpu_seconds() -> float:
+  """CPU time (user + system) of this process and its live children, the workers: the cost
+  per image does not depend on what else the machine runs, the img/s does."""
+  import psutil
+  me = psutil.Process()
+  total = sum(me.cpu_times()[:2])
+  for child in me.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.Error:
+      pass
+  return total
 
 
 def _machine() -> dict:
@@ -182,7 +200,8 @@ def main(argv):
         r["img_per_s_per_worker"] = r["img_per_s"] / max(nw, 1)
         rows.append(r)
         print(f"{mode:5s} workers={nw:2d}  {r['img_per_s']:8.1f} img/s  "
-              f"({r['img_per_s_per_worker']:.1f} per worker)", flush=True)
+              f"({r['img_per_s_per_worker']:.1f} per worker, {r['cpu_ms_per_img']:.2f} CPU "
+              "ms/img)", flush=True)
   result = {"machine": _machine(), "data": data, "batch": FLAGS.batch, "img_size": size,
             "prefetch": FLAGS.prefetch, "rows": rows}
   print(format_table(result))
@@ -210,10 +229,11 @@ def format_table(result: dict) -> str:
   lines = [f"{m['cpu']}, {m['usable_cores']} cores, Python {m['python']}, Pillow "
            f"{m['pillow']}, grain {m['grain']}; batch {result['batch']}, output "
            f"{result['img_size']}px",
-           "| pipeline | workers | img/s | img/s per worker |", "| --- | ---: | ---: | ---: |"]
+           "| pipeline | workers | img/s | img/s per worker | CPU ms per image |",
+           "| --- | ---: | ---: | ---: | ---: |"]
   for r in result["rows"]:
     lines.append(f"| {r['mode']} | {r['workers']} | {r['img_per_s']:.0f} | "
-                 f"{r['img_per_s_per_worker']:.0f} |")
+                 f"{r['img_per_s_per_worker']:.0f} | {r['cpu_ms_per_img']:.2f} |")
   return "\n".join(lines)
 
 
