@@ -4,6 +4,11 @@ Sources live in toppax.data.sources, the host-side crops in toppax.data.transfor
 pipelines (sampler, worker processes, prefetch) in toppax.data.loader; docs/data.md describes
 them and their speed.
 """
+__all__ = ["Batches", "CachedSource", "DatasetNotFoundError", "DigitsSource", "FolderSource",
+           "IMAGE_EXTENSIONS", "TfdsSource", "TrainPlan", "center_crop", "epoch_permutation",
+           "eval_batches", "eval_plan", "make_source", "preprocess_train", "random_resized_crop",
+           "sample_crop", "train_batches", "train_indices"]
+
 from toppax.data.loader import (Batches, TrainPlan, epoch_permutation, eval_batches,  # noqa: F401
                                 eval_plan, train_batches, train_indices)
 from toppax.data.sources import (IMAGE_EXTENSIONS, CachedSource, DatasetNotFoundError,  # noqa: F401

@@ -21,7 +21,6 @@ TrainPlan and per-process slices).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 from PIL import Image

@@ -90,7 +90,6 @@ class _Cfg(dict):
 def _config(data_root: str | None):
   from toppax import input_pipeline
   if FLAGS.config:
-    from ml_collections import config_flags  # noqa: F401  (configs import ml_collections)
     import importlib.util
     path, _, arg = FLAGS.config.partition(":")
     spec = importlib.util.spec_from_file_location("bench_input_config", path)
@@ -149,7 +148,6 @@ def _cpu_seconds() -> float:
 
 def _machine() -> dict:
   import PIL
-  import grain  # noqa: F401
   from importlib import metadata
   cpu = platform.processor()
   try:
