@@ -104,9 +104,9 @@ def convert_into(model, table: KeyTable):
   else:
     from toppax.convert import plainmamba
     plainmamba.convert_into(model.backbone, table, prefix="backbone.")
-    for i in model.tap_norms:
-      table.assign(model, f"tap_norms.{i}.norm.scale", f"backbone.norm_layer{i}.weight")
-      table.assign(model, f"tap_norms.{i}.norm.bias", f"backbone.norm_layer{i}.bias")
+    for name in model.tap_norms:  # norm_layer{i}
+      table.assign(model.tap_norms, f"{name}.scale", f"backbone.{name}.weight")
+      table.assign(model.tap_norms, f"{name}.bias", f"backbone.{name}.bias")
   convert_heads(model, table)
 
 

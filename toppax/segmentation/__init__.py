@@ -56,7 +56,8 @@ def config_for(name: str, *, num_classes: int = 150, img_size=None, **overrides)
   if "dtype" in overrides:
     head["dtype"] = backbone["dtype"] = overrides.pop("dtype")
   backbone.update(overrides)
-  cfg = SegConfig(name=name, img_size=spec.pop("img_size") if img_size is None else img_size,
+  default_size = spec.pop("img_size")
+  cfg = SegConfig(name=name, img_size=default_size if img_size is None else img_size,
                   num_classes=int(num_classes), backbone=tuple(sorted(backbone.items())),
                   **{**spec, **head})
   cfg = dataclasses.replace(cfg, out_indices=tuple(int(i) for i in cfg.out_indices),

@@ -4,7 +4,6 @@ softmax, whose argmax is the same) at ``out_size`` (the original image size, whe
 were resized for testing) or at the input size."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -54,8 +53,8 @@ def slide_inference(model, images, *, crop_size=None, stride=None, out_size=None
   img_size) every ``stride`` pixels (default two thirds of the crop, the official 341 at 512),
   each run through ``model``; overlapping logits are averaged, then resized to ``out_size``.
 
-  All windows of the batch run as one ``lax.map`` over windows, ``crop_batch`` windows at a time
-  (default all at once): the model compiles once whatever the image size.
+  The windows of all images run through the model as one batch, or ``crop_batch`` windows per
+  call when memory is short. Call it on a model in eval mode.
   """
   h, w = int(images.shape[1]), int(images.shape[2])
   if crop_size is None:
@@ -67,17 +66,15 @@ def slide_inference(model, images, *, crop_size=None, stride=None, out_size=None
     raise ValueError(f"image {h}x{w} is smaller than the {crop[0]}x{crop[1]} window that ViM "
                      f"takes: resize it so that both sides are at least {crop[0]}x{crop[1]}, "
                      "or pad it")
-  crops = jnp.stack([images[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
-  graphdef, state = nnx.split(model)
-
-  def run(batch):
-    return nnx.merge(graphdef, state)(batch)
-
-  logits = jax.lax.map(run, crops, batch_size=crop_batch)  # (windows, B, hc, wc, classes)
-  preds = jnp.zeros((images.shape[0], h, w, logits.shape[-1]), logits.dtype)
+  b = images.shape[0]
+  # Windows stacked along the batch, window-major: (windows * B, hc, wc, 3).
+  crops = jnp.concatenate([images[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows], axis=0)
+  step = len(crops) if crop_batch is None else int(crop_batch)
+  logits = jnp.concatenate([model(crops[i:i + step]) for i in range(0, len(crops), step)])
+  preds = jnp.zeros((b, h, w, logits.shape[-1]), logits.dtype)
   count = np.zeros((1, h, w, 1), np.float32)
-  for (y1, y2, x1, x2), crop_logits in zip(windows, logits):
-    preds = preds.at[:, y1:y2, x1:x2].add(crop_logits)
+  for j, (y1, y2, x1, x2) in enumerate(windows):
+    preds = preds.at[:, y1:y2, x1:x2].add(logits[j * b:(j + 1) * b])
     count[:, y1:y2, x1:x2] += 1
   preds = preds / jnp.asarray(count)
   return preds if out_size is None else resize(preds, _size(out_size))

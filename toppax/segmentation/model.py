@@ -42,15 +42,10 @@ class SegConfig:
   backbone: tuple = ()              # ((name, value), ...) passed to the backbone
 
 
-class LayerNorm(nnx.Module):
-  """``norm_layer{i}`` of PlainMambaSeg: LayerNorm(eps=1e-6) with torch's two-pass variance."""
-
-  def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=jnp.float32,
-                              param_dtype=jnp.float32, rngs=rngs)
-
-  def __call__(self, x):
-    return self.norm(x)
+def _tap_norm(dim: int, *, rngs: nnx.Rngs):
+  """``norm_layer{i}`` of PlainMambaSeg: LayerNorm(eps=1e-6), torch's two-pass variance."""
+  return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=jnp.float32,
+                       param_dtype=jnp.float32, rngs=rngs)
 
 
 class UperNet(nnx.Module):
@@ -75,7 +70,7 @@ class UperNet(nnx.Module):
     else:
       # One norm per tap except the backbone's last layer, whose final norm (ln1) is used.
       last = bcfg.num_layers - 1
-      self.tap_norms = nnx.Dict({str(i): LayerNorm(dim, rngs=rngs)
+      self.tap_norms = nnx.Dict({f"norm_layer{i}": _tap_norm(dim, rngs=rngs)
                                  for i in cfg.out_indices if i != last})
     self.decode_head = UPerHead((dim,) * 4, cfg.channels, cfg.num_classes,
                                 pool_scales=cfg.pool_scales, dropout_ratio=cfg.dropout_ratio, **kw)
@@ -130,6 +125,6 @@ class UperNet(nnx.Module):
     last = self.backbone.cfg.num_layers - 1
     feats = []
     for i, x in zip(cfg.out_indices, maps):
-      norm = self.backbone.ln1 if i == last else self.tap_norms[str(i)]
+      norm = self.backbone.ln1 if i == last else self.tap_norms[f"norm_layer{i}"]
       feats.append(norm(x).astype(x.dtype))
     return feats, binfo
