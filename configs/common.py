@@ -46,7 +46,7 @@ def given(arg):
 
 def pruning(enabled=False, layers=(5, 10, 15), keep_ratio=0.8, importance="clip",
             alignment=True, cls_mode="keep_position", fused_token=False, gap_delta="prev"):
-  """``toppax.pruning.PruneConfig`` as plain fields (built by ``train.prune_config``).
+  """``toppax.pruning.PruneConfig`` as plain fields (built by ``toppax.factory.prune_config``).
 
   ``keep_ratio`` is one float for every pruning layer; ``keep_ratios``, when not empty, gives one
   ratio per layer and wins (``--config.pruning.keep_ratios="(0.8,0.7,0.6)"``). Both fields always
@@ -105,7 +105,7 @@ def base_config():
   c.data.eval_examples = 0        # 0: all; >0: the first N (smoke runs)
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)
-  c.data.workers = 8              # host threads decoding images
+  c.data.workers = 8              # worker processes decoding images (0: this process)
   c.data.prefetch = 2             # batches decoded ahead of the train step
   c.data.cache = False            # decode every image once into memory (small datasets)
 
@@ -216,7 +216,7 @@ def smoke_run(c):
   c.log_every = 2
   c.checkpoint_every = 5
   c.data.eval_examples = 64
-  c.data.workers = 2
+  c.data.workers = 0
   c.ema_decay = 0.9
   c.bench.batch_sizes = (8,)
   c.bench.dtypes = ("float32",)

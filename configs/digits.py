@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.data.num_classes = 10
   c.data.mean = (0.5, 0.5, 0.5)
   c.data.std = (0.5, 0.5, 0.5)
-  c.data.workers = 1
+  c.data.workers = 0
 
   # Digits are not mirror-symmetric and only 8x8: mild crops, one weak RandAugment op, no mixing.
   c.aug.crop_scale = (0.7, 1.0)

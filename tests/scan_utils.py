@@ -25,7 +25,7 @@ def random_inputs(seed, batch, length, dim, n, *, dtype=np.float32):
 
 def numpy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=True,
                reverse=False, gaps=None, gap_delta="prev"):
-  """Float64 step-by-step oracle, including alignment gaps (DESIGN §3)."""
+  """Float64 step-by-step oracle, including alignment gaps (docs/design.md#token-pruning)."""
   u, delta, A, B, C = (np.asarray(x, np.float64) for x in (u, delta, A, B, C))
   batch, length, dim = u.shape
   if delta_bias is not None:
@@ -63,6 +63,18 @@ def random_keep(seed, batch, full_length, kept):
   prev = np.concatenate([np.full((batch, 1), -1), pos[:, :-1]], 1)
   nxt = np.concatenate([pos[:, 1:], np.full((batch, 1), full_length)], 1)
   return pos, pos - prev - 1, nxt - pos - 1
+
+
+def rel(a, b):
+  """Relative L2 error of a against b, in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def compact(full, pos):
+  """The inputs at the kept positions ``pos`` (batch, kept): per-token arrays gathered."""
+  return {k: (np.take_along_axis(v, pos[..., None], axis=1) if v.ndim == 3 and k != "A" else v)
+          for k, v in full.items()}
 
 
 def masked_oracle(full, pos, *, reverse, gap_delta, delta_softplus=True):

@@ -99,7 +99,8 @@ def test_convert_mode_writes_params_that_init_from_reads(tmp_path):
   from flax import nnx
 
   from configs import vim_t
-  from toppax import convert, sharding, train
+  from toppax import factory, sharding
+  from toppax.tools import convert_checkpoint
   sd, arrays, overrides = _golden()
   npz = tmp_path / "official.npz"
   np.savez(npz, **sd)
@@ -110,15 +111,15 @@ def test_convert_mode_writes_params_that_init_from_reads(tmp_path):
   c.data.num_classes = overrides["num_classes"]
   c.init_from = str(npz)
   workdir = tmp_path / "converted"
-  convert.run(c, str(workdir))
+  convert_checkpoint.run(c, str(workdir))
   assert (workdir / "params").is_dir() and (workdir / "params_meta.json").is_file()
   with pytest.raises(Exception, match="exists already"):
-    convert.run(c, str(workdir))
+    convert_checkpoint.run(c, str(workdir))
 
   c.init_from = str(workdir)
-  defs = train.model_defs(c)
+  defs = factory.model_defs(c)
   mesh = sharding.make_mesh(1)
-  params, rngs = train.load_init_params(c, defs, sharding.replicated(mesh))
+  params, rngs = factory.load_init_params(c, defs, sharding.replicated(mesh))
   x = jnp.asarray(np.random.default_rng(0).standard_normal(
       (2, overrides["img_size"], overrides["img_size"], 3)), jnp.float32)
   ours = nnx.merge(defs.eval, params, rngs)(x)
@@ -127,4 +128,4 @@ def test_convert_mode_writes_params_that_init_from_reads(tmp_path):
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref(x)), atol=1e-5, rtol=1e-5)
   c.init_from = str(workdir)
   with pytest.raises(ValueError, match="toppax parameters already"):
-    convert.run(c, str(tmp_path / "again"))
+    convert_checkpoint.run(c, str(tmp_path / "again"))

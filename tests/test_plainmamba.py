@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from toppax import train
+from toppax import factory
 from toppax.models import create
 from toppax.models import plainmamba as pm
 from toppax.pruning import PruneConfig
@@ -346,7 +346,7 @@ def test_configs_build_the_model_and_the_top_schedule(variant):
   dense, top = module.get_config(), module.get_config("top")
   assert not dense.pruning.enabled and top.pruning.enabled and top.pruning.alignment
   assert tuple(dense.pruning.layers) == tuple(top.pruning.layers)  # for bench/compare variants
-  cfg = train.prune_config(top)
+  cfg = factory.prune_config(top)
   assert (cfg.layers, cfg.ratios) == tuple(tuple(x) for x in PLAINMAMBA_TOP_SCHEDULES[name])
   assert cfg.alignment and not module.get_config("removal").pruning.alignment
   overrides = {k: v for k, v in top.model.items() if k != "name" and v is not None}

@@ -12,9 +12,7 @@ IMPLS = ["reference", "xla"]
 KEYS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+_rel = scan_utils.rel
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -53,8 +51,7 @@ def test_no_softplus(impl):
 def test_gaps_equal_masked_full_length_oracle(impl, reverse, gap_delta):
   full = scan_utils.random_inputs(11, 3, 23, 5, 4)
   pos, gaps_f, gaps_b = scan_utils.random_keep(5, 3, 23, 9)
-  compact = {k: (np.take_along_axis(v, pos[..., None], axis=1) if v.ndim == 3 and k != "A" else v)
-             for k, v in full.items()}
+  compact = scan_utils.compact(full, pos)
   gaps = gaps_b if reverse else gaps_f
   y = selective_scan(**{k: jnp.asarray(v) for k, v in compact.items()}, reverse=reverse,
                      gaps=jnp.asarray(gaps), gap_delta=gap_delta, implementation=impl)

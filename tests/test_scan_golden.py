@@ -113,12 +113,11 @@ INTERPRET_CASES = [p for p in GOLDENS if p.stem[len("scan_"):] in
 
 
 def _kernel_or_skip(impl):
-  import toppax.pallas_kernels  # noqa: F401  (registers the kernels)
   from toppax.ssm import ops
   if impl not in ops.implementations():
     pytest.skip(f"{impl} is not registered")
   try:
-    ops._REGISTRY[impl]()
+    ops.get_implementation(impl)
   except ImportError as e:
     pytest.skip(f"{impl} cannot be imported: {e}")
 

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import toppax.pallas_kernels  # noqa: F401  registers pallas_gpu / pallas_tpu
-from toppax.pallas_kernels import gpu_scan
-from toppax.ssm import default_implementation, ops, selective_scan
+from toppax.pallas_kernels import ptx, register_cap, scan_call
+from toppax.pallas_kernels.tuning import GpuTuning
+from toppax.ssm import default_implementation, get_implementation, ops, selective_scan
 from toppax.tools import kernel_sass
 from tests import scan_utils
 
@@ -27,9 +27,7 @@ IMPLS = ["pallas_gpu", "pallas_tpu"]
 KEYS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+_rel = scan_utils.rel
 
 
 def _case(seed, batch, length, dim, n, options, dtype=np.float32):
@@ -84,8 +82,7 @@ def test_no_softplus_and_unpadded_state(impl):
 def test_gaps_equal_masked_full_length_oracle(impl, reverse, gap_delta):
   full = scan_utils.random_inputs(11, 2, 23, 5, 4)
   pos, gaps_f, gaps_b = scan_utils.random_keep(5, 2, 23, 9)
-  compact = {k: (np.take_along_axis(v, pos[..., None], axis=1) if v.ndim == 3 and k != "A" else v)
-             for k, v in full.items()}
+  compact = scan_utils.compact(full, pos)
   y = selective_scan(**{k: jnp.asarray(v) for k, v in compact.items()}, reverse=reverse,
                      gaps=jnp.asarray(gaps_b if reverse else gaps_f), gap_delta=gap_delta,
                      implementation=impl, interpret=True)
@@ -146,42 +143,20 @@ SMALL_TUNING = {"pallas_gpu": dict(block_d=8, fwd_chunk=4, ckpt_every=4),
 # ViM-S batch 128) and one per thread with B/C 2 steps ahead; D = 70 leaves a partial block.
 # The backward: one warp per program (3 programs, the last partial) or two (per-warp dB/dC
 # partial sums), checkpoints every 4 or 3 steps, and checkpoint intervals walked in
-# sub-chunks of 2 (11 = 3 + 2 x 4: a partial head of 2 + 1) or 1 step, each recomputed from the
-# interval's checkpoint (the default sub-chunk of 2 does not divide ckpt_every=3, so that interval
-# goes whole); softplus by its log1p series (common.softplus_series); dB/dC partials summed by a
-# matrix-vector product (partial_sum="dot"); B and C rows read as vectors of 4 states
-# (bc_load="tile", every reduce-scatter level then by selects since N = 4); earlier sub-chunks
-# restarted from the states kept by the interval's first pass (bwd_restart="kept"; with
-# sub-chunks of 1 and K = 3, two restarts per interval and a partial head of 2); rows loaded
-# where they are used instead of at an interval's start (bwd_prefetch "none"; the default
-# "rows" runs in every other case); dB/dC reduce-scatters with the scale fused into the first
-# level (bwd_put "fma"; with bc_load "tile" at N = 4 that level uses selects, so it scales first);
-# only every 2nd or 3rd checkpoint stored, the others recomputed by the backward (ckpt_stride; at
-# 11 = 3 + 2 x 4 interval 1 starts from checkpoint 0, at 11 = 2 + 3 x 3 intervals 2 and 1 do).
+# sub-chunks of 2 (11 = 3 + 2 x 4: a partial head of 2 + 1), of 1 step, or whole, each
+# recomputed from the interval's checkpoint (the default sub-chunk of 2 does not divide
+# ckpt_every=3, so that interval goes whole). A GpuTuning instance or a dict of some fields.
 @pytest.mark.parametrize("tuning", [dict(block_d=64, rows_ahead=2, bc_ahead=1),
                                     dict(block_d=32, rows_ahead=3, bc_ahead=2, fwd_chunk=2),
-                                    dict(gpu_scan.DEFAULT_TUNING, bwd_num_warps=2, ckpt_every=3),
-                                    dict(ckpt_every=4, bwd_chunk=2, bwd_maxnreg=168,
-                                         softplus="series"),
+                                    GpuTuning(bwd_num_warps=2, ckpt_every=3),
+                                    dict(ckpt_every=4, bwd_chunk=2, bwd_maxnreg=168),
                                     dict(ckpt_every=3, bwd_chunk=1),
-                                    dict(gpu_scan.DEFAULT_TUNING, partial_sum="dot"),
-                                    dict(gpu_scan.DEFAULT_TUNING, bc_load="tile"),
-                                    dict(ckpt_every=4, bwd_chunk=2, bwd_restart="kept",
-                                         bc_load="tile"),
-                                    dict(ckpt_every=3, bwd_chunk=1, bwd_restart="kept",
-                                         ckpt_stride=3),
-                                    dict(gpu_scan.DEFAULT_TUNING, ckpt_stride=2),
-                                    dict(gpu_scan.DEFAULT_TUNING, bwd_prefetch="none"),
-                                    dict(ckpt_every=3, bwd_chunk=1, bwd_restart="kept",
-                                         bwd_prefetch="rows", bc_load="tile"),
-                                    dict(gpu_scan.DEFAULT_TUNING, bwd_put="fma"),
-                                    dict(ckpt_every=3, bwd_chunk=1, bwd_put="fma",
-                                         bwd_prefetch="none", bc_load="tile")])
+                                    dict(ckpt_every=4, bwd_chunk=4, bwd_maxnreg=None)])
 def test_gpu_forward_layouts_and_lookahead(tuning):
   length = 11
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(5, 2, length, 70, 4).items()}
   gaps = np.random.default_rng(4).integers(0, 3, (2, length))
-  fn = ops._REGISTRY["pallas_gpu"]()
+  fn = get_implementation("pallas_gpu")
   run = lambda *a: fn(*a, delta_softplus=True, reverse=True, gaps=jnp.asarray(gaps),
                       gap_delta="prev", interpret=True, tuning=tuning)
   ref = scan_utils.numpy_scan(**{k: np.asarray(v) for k, v in x.items()}, reverse=True,
@@ -197,24 +172,20 @@ def test_gpu_forward_layouts_and_lookahead(tuning):
     assert _rel(b, a) < 1e-5, k
 
 
-# The backward's two ways of handing B_t, C_t to the lanes in their state order (gpu_scan
-# bc_load): shuffles, or vector loads of aligned groups of 4 states, with the group order's
-# reduce-scatter (select-free levels down to the group, selects below). State counts: 16 (ViM),
-# 3 (padded to 4: one group), 1 and 64 (two programs of 32 states, the most one holds: the
-# reduce-scatter leaves one state per lane); two warps per program give per-warp partials; one
-# warp restarts sub-chunks from kept states. N = 64 is slow in interpret mode.
+# The backward's hand-out of B_t, C_t to the lanes in their state order (one entry per lane,
+# then shfl.idx) and its select-free reduce-scatter at several state counts: 16 (ViM), 3 (padded
+# to 4), 1 and 64 (two programs of 32 states, the most one holds: the reduce-scatter leaves one
+# state per lane); two warps per program give per-warp partials. N = 64 is slow in interpret
+# mode.
 SLOW_64 = pytest.mark.slow
 
 
-@pytest.mark.parametrize("n,bc_load,warps", [(16, "tile", 1), (16, "shuffle", 2), (16, "tile", 2),
-                                             (3, "tile", 1), (1, "tile", 1),
-                                             pytest.param(64, "tile", 1, marks=SLOW_64),
-                                             pytest.param(64, "shuffle", 1, marks=SLOW_64)])
-def test_gpu_backward_state_orders(n, bc_load, warps):
+@pytest.mark.parametrize("n,warps", [(16, 1), (16, 2), (3, 1), (1, 1),
+                                     pytest.param(64, 1, marks=SLOW_64)])
+def test_gpu_backward_state_orders(n, warps):
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(7, 2, 6, 40, n).items()}
-  tuning = dict(gpu_scan.DEFAULT_TUNING, bc_load=bc_load, bwd_num_warps=warps,
-                bwd_restart="kept" if warps == 1 else "checkpoint", bwd_states=32)
-  fn = ops._REGISTRY["pallas_gpu"]()
+  tuning = GpuTuning(bwd_num_warps=warps, bwd_states=32)
+  fn = get_implementation("pallas_gpu")
   run = lambda *a: fn(*a, delta_softplus=True, reverse=False, gaps=None, gap_delta="prev",
                       interpret=True, tuning=tuning)
   args = [x[k] for k in KEYS]
@@ -226,7 +197,7 @@ def test_gpu_backward_state_orders(n, bc_load, warps):
     assert _rel(b, a) < 1e-5, k
 
 
-# More states than one program holds (gpu_scan tunings fwd_states / bwd_states, default 16):
+# More states than one program holds (GpuTuning fwd_states / bwd_states, default 16):
 # the states split into groups, one program each; y, du, dΔ, dz, dD and the bias gradients are
 # summed over the groups (the D skip's terms counted once), and the backward reads checkpoints
 # the forward wrote with other groups. D = 40 is not a multiple of the 32-channel block (the
@@ -239,8 +210,8 @@ def test_gpu_state_groups(n, fwd_states, bwd_states, reverse, gap_delta, dtype):
   if dtype != jnp.float32:
     x = {k: v.astype(dtype) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
   gaps = jnp.asarray(np.random.default_rng(4).integers(0, 3, (2, 9)))
-  fn = ops._REGISTRY["pallas_gpu"]()
-  tuning = dict(gpu_scan.DEFAULT_TUNING, fwd_states=fwd_states, bwd_states=bwd_states)
+  fn = get_implementation("pallas_gpu")
+  tuning = GpuTuning(fwd_states=fwd_states, bwd_states=bwd_states)
   args = [x[k] for k in KEYS]
   ct = jnp.asarray(np.random.default_rng(5).standard_normal(x["u"].shape), jnp.float32)
   kw = dict(delta_softplus=True, reverse=reverse, gaps=gaps, gap_delta=gap_delta)
@@ -267,36 +238,35 @@ def test_gpu_state_groups(n, fwd_states, bwd_states, reverse, gap_delta, dtype):
 
 @pytest.mark.parametrize("key", ["fwd_states", "bwd_states"])
 def test_bad_state_groups_are_refused(key):
-  fn = ops._REGISTRY["pallas_gpu"]()
+  fn = get_implementation("pallas_gpu")
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 4, 8, 4).items()}
   for bad in (0, 3, 64, True, "16"):
-    tuning = dict(gpu_scan.DEFAULT_TUNING, **{key: bad})
+    tuning = {key: bad}
     with pytest.raises(ValueError, match=key):
       jax.grad(lambda u: jnp.sum(fn(u, *[x[k] for k in KEYS[1:]], delta_softplus=True,
                                     reverse=False, gaps=None, gap_delta="prev", interpret=True,
                                     tuning=tuning)))(x["u"])
 
 
-def test_group_order_reduce_scatter_sums_every_state():
-  # gpu_scan._Warp in interpret mode: for every state count and group size, lane L's k-th sum
-  # is the warp total of state k ^ state_order(m)[L], from registers in state_order(m, group).
-  warp = gpu_scan._Warp(True, 64)
+def test_reduce_scatter_sums_every_state():
+  # ptx.Warp in interpret mode: for every state count, lane L's k-th sum is the warp total of
+  # state k ^ state_order(m)[L], from registers in state_order(m), with and without a scale.
+  warp = ptx.Warp(True, 64)
   rng = np.random.default_rng(0)
   for m in (1, 2, 4, 8, 16, 32, 64):
-    for group in (1, 2, 4):
-      values = rng.standard_normal((m, 64)).astype(np.float32)      # state j on channel c
-      order = np.asarray(warp.state_order(m, group))
-      assert not np.any(order % group) or group > m
-      regs = [jnp.asarray(values[k ^ order, np.arange(64)]) for k in range(m)]
-      scale = rng.standard_normal(64).astype(np.float32)              # per channel
-      final = np.asarray(warp.state_order(m))
-      fma = lambda a, b, c: a * b + c
-      for s, sums in [(1.0, warp.reduce_scatter(regs, group)),
-                      (scale, warp.reduce_scatter(regs, group, jnp.asarray(scale), fma))]:
-        totals = (values * s).reshape(m, 2, 32).sum(-1)             # (state, warp)
-        for k, v in enumerate(sums):
-          want = totals[k ^ final, np.arange(64) // 32]
-          np.testing.assert_allclose(np.asarray(v), want, rtol=1e-5, atol=1e-5)
+    values = rng.standard_normal((m, 64)).astype(np.float32)        # state j on channel c
+    order = np.asarray(warp.state_order(m))
+    regs = [jnp.asarray(values[k ^ order, np.arange(64)]) for k in range(m)]
+    assert all(np.array_equal(np.asarray(r), values[k ^ order, np.arange(64)])
+               for k, r in enumerate(warp.permute([jnp.asarray(v) for v in values],
+                                                  jnp.asarray(order))))
+    scale = rng.standard_normal(64).astype(np.float32)                # per channel
+    for s, sums in [(1.0, warp.reduce_scatter(regs)),
+                    (scale, warp.reduce_scatter(regs, jnp.asarray(scale)))]:
+      totals = (values * s).reshape(m, 2, 32).sum(-1)               # (state, warp)
+      for k, v in enumerate(sums):
+        want = totals[k ^ order, np.arange(64) // 32]
+        np.testing.assert_allclose(np.asarray(v), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl,tuning", [("pallas_gpu", dict(ckpt_evry=8)),
@@ -305,26 +275,24 @@ def test_group_order_reduce_scatter_sums_every_state():
 def test_unknown_tuning_keys_are_refused(impl, tuning):
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 3, 8, 4).items()}
   with pytest.raises(ValueError, match=f"{impl} tuning: unknown key.*{next(iter(tuning))}"):
-    ops._REGISTRY[impl]()(*[x[k] for k in KEYS], delta_softplus=True, reverse=False, gaps=None,
-                          gap_delta="prev", interpret=True, tuning=tuning)
+    get_implementation(impl)(*[x[k] for k in KEYS], delta_softplus=True, reverse=False,
+                             gaps=None, gap_delta="prev", interpret=True, tuning=tuning)
 
 
-@pytest.mark.parametrize("key,value", [("bc_load", "vector"), ("bwd_restart", "state"),
-                                       ("bwd_put", "add")])
-def test_bad_backward_options_are_refused(key, value):
+@pytest.mark.parametrize("tuning,message", [
+    (dict(fwd_backend="cuda"), "fwd_backend must be 'mosaic' or 'triton'"),
+    (dict(block_d=48), "block_d must be a power of two"),
+    (dict(ckpt_every=0), "ckpt_every must be an int >= 1"),
+    (dict(lane_tile=96), "lane_tile must be a multiple of 128")])
+def test_bad_tuning_values_are_refused(tuning, message):
+  impl = "pallas_tpu" if "lane_tile" in tuning else "pallas_gpu"
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 3, 8, 4).items()}
-  with pytest.raises(ValueError, match=f"{key} must be"):
-    jax.grad(lambda u: ops._REGISTRY["pallas_gpu"]()(
-        u, *[x[k] for k in KEYS[1:]], delta_softplus=True, reverse=False, gaps=None,
-        gap_delta="prev", interpret=True, tuning={key: value}).sum())(x["u"])
-
-
-def test_bad_partial_sum_is_refused():
-  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, 1, 3, 8, 4).items()}
-  with pytest.raises(ValueError, match="partial_sum must be 'sum' or 'dot'"):
-    jax.grad(lambda u: ops._REGISTRY["pallas_gpu"]()(
-        u, *[x[k] for k in KEYS[1:]], delta_softplus=True, reverse=False, gaps=None,
-        gap_delta="prev", interpret=True, tuning=dict(partial_sum="gemv")).sum())(x["u"])
+  with pytest.raises(ValueError, match=message):
+    get_implementation(impl)(*[x[k] for k in KEYS], delta_softplus=True, reverse=False,
+                             gaps=None, gap_delta="prev", interpret=True, tuning=tuning)
+  with pytest.raises(TypeError, match="GpuTuning or a dict"):
+    get_implementation("pallas_gpu")(*[x[k] for k in KEYS], delta_softplus=True, reverse=False,
+                                     gaps=None, gap_delta="prev", interpret=True, tuning=[1])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -332,7 +300,7 @@ def test_gradients_across_many_chunks_and_tiles(impl):
   length = 21
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(12, 2, length, 10, 4).items()}
   gaps = jnp.asarray(np.random.default_rng(3).integers(0, 3, (2, length)))
-  fn = ops._REGISTRY[impl]()
+  fn = get_implementation(impl)
   ct = jnp.asarray(np.random.default_rng(1).standard_normal(x["u"].shape), jnp.float32)
 
   def loss(name, **kw):
@@ -408,32 +376,34 @@ def test_kernel_that_cannot_run_falls_back_to_xla_with_warning(caplog):
 
 
 def test_compile_failure_falls_back_to_xla(caplog, monkeypatch):
-  from toppax.pallas_kernels import common
+  # On its own platform (planted: the default backend reports "gpu"), a kernel that does not
+  # build gives the XLA answer and a warning naming the error.
+  from toppax.pallas_kernels import gpu_scan
 
   def broken(*a, **k):
     raise RuntimeError("planted lowering failure")
 
-  monkeypatch.setattr(gpu_scan, "forward", broken)
-  monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
-  common._compiles.cache_clear()
+  monkeypatch.setattr(gpu_scan.KERNELS, "forward", broken)
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+  scan_call._failure.cache_clear()
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(3, 1, 5, 4, 2).items()}
   with caplog.at_level(logging.WARNING):
-    y = ops._REGISTRY["pallas_gpu"]()(**x, delta_softplus=True, reverse=False, gaps=None,
-                                      gap_delta="prev", interpret=False)
-  common._compiles.cache_clear()
+    y = get_implementation("pallas_gpu")(**x, delta_softplus=True, reverse=False, gaps=None,
+                                         gap_delta="prev", interpret=False)
+  scan_call._failure.cache_clear()
   assert "planted lowering failure" in caplog.text
   np.testing.assert_allclose(np.asarray(y), scan_utils.numpy_scan(**x), rtol=1e-5, atol=1e-6)
 
 
 # (dtype, N, with z, gap rule, reverse, batch): ViM's bf16 call, fp32 with a padded state and no
-# gate, and a batch x D past gpu_scan.WIDE_CHANNELS (the two-channels-per-thread forward).
+# gate, and a batch x D of 76,800 (past gpu_scan.WIDE_CHANNELS: two channels per thread).
 EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True, 2),
                 (jnp.float32, 3, False, "prev", False, 2),
                 (jnp.float32, 16, True, "prev", False, 384)]
 
 
 def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse, b, tuning=None):
-  fn = ops._REGISTRY[impl]()
+  fn = get_implementation(impl)
 
   def f(u, delta, A, B, C, D, z, bias, gaps):
     def loss(*a):
@@ -468,37 +438,33 @@ _CUDA_DISABLED = [export.DisabledSafetyCheck.custom_call(t)
 
 
 def test_register_cap_reaches_the_triton_module():
-  # gpu_scan._RegisterCap: the cap rides in the kernel's name and lands as the module attribute
+  # register_cap: the cap rides in the kernel's name and lands as the module attribute
   # ttg.maxnreg in the Triton IR that XLA compiles (Triton turns it into PTX .maxnreg).
   case = (jnp.float32, 16, True, "prev", False, 2)
-  tuning = dict(gpu_scan.DEFAULT_TUNING, bwd_maxnreg=168, maxnreg=200, bwd_chunk=2)
+  tuning = GpuTuning(bwd_maxnreg=168, maxnreg=200, bwd_chunk=2)
   text = _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case, tuning=tuning)
-  assert gpu_scan._RegisterCap.installed
+  assert register_cap.installed()
   assert "selective_scan_bwd_maxnreg168" in text and "selective_scan_fwd_maxnreg200" in text
   assert text.count("ttg.maxnreg") == 2
   plain = _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
-                       tuning=dict(gpu_scan.DEFAULT_TUNING, maxnreg=None, bwd_maxnreg=None))
+                       tuning=GpuTuning(maxnreg=None, bwd_maxnreg=None))
   assert "ttg.maxnreg" not in plain
   for bad in (dict(bwd_maxnreg=300), dict(bwd_maxnreg=16), dict(maxnreg=True),
-              dict(ckpt_every=4, bwd_chunk=3), dict(bwd_chunk=True), dict(ckpt_stride=0),
-              dict(ckpt_stride=True)):
-    with pytest.raises(ValueError, match="maxnreg|bwd_chunk|ckpt_stride"):
-      _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
-                   tuning=dict(gpu_scan.DEFAULT_TUNING, **bad))
+              dict(ckpt_every=4, bwd_chunk=3), dict(bwd_chunk=True)):
+    with pytest.raises(ValueError, match="maxnreg|bwd_chunk"):
+      _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case, tuning=bad)
 
 
 @pytest.mark.parametrize("tuning,n", [({}, 16), ({"bwd_num_warps": 2}, 16), ({}, 40),
-                                      ({"bc_load": "tile", "bwd_restart": "kept"}, 16),
-                                      ({"bwd_put": "fma"}, 16)])
+                                      ({"ckpt_every": 3, "bwd_chunk": 1}, 16)])
 def test_gpu_kernels_use_no_atomics_and_explicit_fmas(tuning, n):
-  # The issue's determinism: no atomics, so two runs give identical bits. Every cross-program
-  # sum (dB/dC per warp, dA/dD/dbias per batch element, state groups) is a separate output that
-  # XLA adds; this checks the Triton IR that XLA compiles for both kernels, with two warps per
-  # program, with state groups (N = 40: four) and with the tile/kept backward. XLA compiles it
-  # with FP contraction off, so the state updates must be explicit fma.rn (_FastMath.fma).
+  # Determinism: no atomics, so two runs give identical bits. Every cross-program sum (dB/dC
+  # per warp, dA/dD/dbias per batch element, state groups) is a separate output that XLA adds;
+  # this checks the Triton IR that XLA compiles for both kernels, with two warps per program,
+  # with state groups (N = 40: four) and with restarts from the checkpoint. XLA compiles it
+  # with FP contraction off, so the state updates must be explicit fma.rn (ptx.FastMath.fma).
   with kernel_sass.gpu_target():
-    modules = kernel_sass.triton_ir(dict(gpu_scan.DEFAULT_TUNING, **tuning), dim=64, batch=2,
-                                    length=9, n=n)
+    modules = kernel_sass.triton_ir(GpuTuning(**tuning), dim=64, batch=2, length=9, n=n)
   assert {name.split("_maxnreg")[0] for name in modules} == {"selective_scan_fwd",
                                                              "selective_scan_bwd"}
   for name, ir in modules.items():
@@ -521,11 +487,11 @@ def test_gpu_gradients_are_bitwise_repeatable():
 
 def test_gpu_kernels_lower_under_checked_shard_map():
   # jax.shard_map checks varying axes by default (check_vma=True): the kernels' outputs must be
-  # typed as varying over the mesh (common.out_types), and A, a replicated input, gets its
+  # typed as varying over the mesh (scan_call.out_types), and A, a replicated input, gets its
   # gradient summed over the mesh (an all-reduce). Both GPU kernels: the Triton forward and
   # backward under the gradient, the Mosaic GPU inference forward on its own.
-  from toppax.pallas_kernels import common, mgpu_scan
-  fn = ops._REGISTRY["pallas_gpu"]()
+  from toppax.pallas_kernels import mgpu_scan
+  fn = get_implementation("pallas_gpu")
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
   mesh = jax.sharding.AbstractMesh((2,), ("data",), abstract_device=device)
   d, rep = P("data"), P()
@@ -540,10 +506,10 @@ def test_gpu_kernels_lower_under_checked_shard_map():
     return jax.value_and_grad(loss, argnums=(0, 1))(u, A, B, C)
 
   def mosaic(u, A, B, C):
-    cfg = common.ScanConfig(backend="gpu", delta_softplus=True, reverse=False, gap_delta=None,
-                            has_z=False, interpret=False)
+    cfg = scan_call.ScanConfig(delta_softplus=True, reverse=False, gap_delta=None,
+                               has_z=False, interpret=False, tuning=GpuTuning())
     zeros = jnp.zeros((u.shape[-1],), jnp.float32)
-    args = common.varying_like(common.ScanArgs(u, u, A, B, C, zeros, None, zeros, None))
+    args = scan_call.varying_like(scan_call.ScanArgs(u, u, A, B, C, zeros, None, zeros, None))
     return mgpu_scan.forward(cfg, args)
 
   S, named = jax.ShapeDtypeStruct, jax.sharding.NamedSharding
@@ -575,16 +541,16 @@ def test_tpu_kernels_lower_for_tpu(case):
     (jnp.bfloat16, True, "bias", True, True), (jnp.float32, False, "prev", False, False),
     (jnp.float32, True, None, True, True)])
 def test_mosaic_gpu_forward_lowers_for_cuda(dtype, with_z, gap_delta, reverse, softplus):
-  from toppax.pallas_kernels import common, mgpu_scan
+  from toppax.pallas_kernels import mgpu_scan
   S = jax.ShapeDtypeStruct
   b, length, d, n = 2, 197, 256, 16
   seq = S((b, length, d), dtype)
-  args = common.ScanArgs(seq, seq, S((d, n), jnp.float32), S((b, length, n), dtype),
+  args = scan_call.ScanArgs(seq, seq, S((d, n), jnp.float32), S((b, length, n), dtype),
                          S((b, length, n), dtype), S((d,), jnp.float32),
                          seq if with_z else None, S((d,), jnp.float32),
                          None if gap_delta is None else S((b, length), jnp.float32))
-  cfg = common.ScanConfig(backend="gpu", delta_softplus=softplus, reverse=reverse,
-                          gap_delta=gap_delta, has_z=with_z, interpret=False)
+  cfg = scan_call.ScanConfig(delta_softplus=softplus, reverse=reverse, gap_delta=gap_delta,
+                             has_z=with_z, interpret=False, tuning=GpuTuning())
   text = export.export(jax.jit(lambda a: mgpu_scan.forward(cfg, a)), platforms=["cuda"])(
       args).mlir_module()
   assert "mosaic_gpu" in text
@@ -605,7 +571,7 @@ def test_mosaic_gpu_forward_lowers_for_cuda(dtype, with_z, gap_delta, reverse, s
 def test_mosaic_forward_on_gpu(dtype, with_z, gap_delta, reverse, softplus):
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU backend")
-  from toppax.pallas_kernels import common, mgpu_scan
+  from toppax.pallas_kernels import mgpu_scan
   length = 37                                   # several chunks and a partial one
   x = scan_utils.random_inputs(7, 3, length, 256, 16)
   if not softplus:                              # Δ must stay positive without softplus
@@ -618,10 +584,10 @@ def test_mosaic_forward_on_gpu(dtype, with_z, gap_delta, reverse, softplus):
                               gap_delta=gap_delta or "prev")
   low = lambda k: jnp.asarray(kw[k]).astype(dtype) if k in ("u", "delta", "B", "C", "z") else (
       jnp.asarray(kw[k]))
-  args = common.prepare(*(None if kw[k] is None else low(k) for k in KEYS),
-                        None if gaps is None else jnp.asarray(gaps))
-  cfg = common.ScanConfig(backend="gpu", delta_softplus=softplus, reverse=reverse,
-                          gap_delta=gap_delta, has_z=with_z, interpret=False)
+  args = scan_call.prepare(*(None if kw[k] is None else low(k) for k in KEYS),
+                           None if gaps is None else jnp.asarray(gaps))
+  cfg = scan_call.ScanConfig(delta_softplus=softplus, reverse=reverse, gap_delta=gap_delta,
+                             has_z=with_z, interpret=False, tuning=GpuTuning())
   assert mgpu_scan.usable(cfg, args)
   y = jax.jit(lambda a: mgpu_scan.forward(cfg, a))(args)
   tol = 1e-5 if dtype == jnp.float32 else 5e-3

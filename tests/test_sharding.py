@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
   import json
   import jax, numpy as np
   from configs import digits
-  from toppax import input_pipeline, sharding, train
+  from toppax import factory, input_pipeline, optim, sharding, train
 
   c = digits.get_config()
   c.model.depth, c.model.embed_dim, c.model.d_state = 2, 32, 4
@@ -48,10 +48,10 @@ SCRIPT = textwrap.dedent("""
   out = {"devices": jax.device_count()}
   for n in (1, 8):
     mesh = sharding.make_mesh(n)
-    schedule = train.lr_schedule(c, plan.steps_per_epoch, 100)
-    tx = train.make_optimizer(c, schedule)
-    defs = train.model_defs(c)
-    state = train.init_state(c, defs, tx, mesh)
+    schedule = optim.lr_schedule(c, plan.steps_per_epoch, 100)
+    tx = optim.make_optimizer(c, schedule)
+    defs = factory.model_defs(c)
+    state = factory.init_state(c, defs, tx, mesh)
     step = train.make_train_step(c, defs, tx, schedule, mesh)
     losses = []
     for b in batches:
@@ -117,7 +117,7 @@ SCAN_SCRIPT = textwrap.dedent("""
   import json
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import PartitionSpec as P
-  from toppax import sharding
+  from toppax import factory, optim, sharding
   from toppax.ssm import selective_scan
   from tests import scan_utils
 
@@ -162,7 +162,7 @@ VMA_SCRIPT = textwrap.dedent("""
   import json
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import PartitionSpec as P
-  from toppax import sharding
+  from toppax import factory, optim, sharding
   from toppax.ssm import selective_scan
   from tests import scan_utils
 

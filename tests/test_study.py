@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import cifar10
-from toppax import augment, checkpointing, input_pipeline as ip, study, train
+from toppax import augment, checkpointing, factory, input_pipeline as ip, study
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -150,7 +150,7 @@ def test_study_rejects_bad_settings(data_dir, tmp_path):
 
 def test_load_params_checks_shapes_and_reads_exported_params(tmp_path):
   c = cifar10.get_config("runlocal")
-  defs = train.model_defs(c)
+  defs = factory.model_defs(c)
   params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), defs.params)
   checkpointing.save_params(str(tmp_path / "w"), params, {}, {"note": "test"})
   got, what = checkpointing.load_params(str(tmp_path / "w"), defs.params)
@@ -160,7 +160,7 @@ def test_load_params_checks_shapes_and_reads_exported_params(tmp_path):
   c.unlock()
   c.model.embed_dim = 48
   with pytest.raises(checkpointing.CheckpointError, match="do not fit"):
-    checkpointing.load_params(str(tmp_path / "w"), train.model_defs(c).params)
+    checkpointing.load_params(str(tmp_path / "w"), factory.model_defs(c).params)
   with pytest.raises(checkpointing.CheckpointError, match="exists already"):
     checkpointing.save_params(str(tmp_path / "w"), params, {}, {})
 

@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 
 from configs import digits, vim_s
-from toppax import augment, train
+from toppax import augment, factory, optim, train
 
 
 def test_lr_schedule_scales_with_batch_and_warms_up():
   c = vim_s.get_config()
   c.batch_size = 1024
-  s = train.lr_schedule(c, steps_per_epoch=100, total_steps=1000)
-  assert train.peak_lr(c) == pytest.approx(1e-3)            # 5e-4 at 512, linear scaling
+  s = optim.lr_schedule(c, steps_per_epoch=100, total_steps=1000)
+  assert optim.peak_lr(c) == pytest.approx(1e-3)            # 5e-4 at 512, linear scaling
   assert float(s(0)) == 0.0
   assert float(s(250)) == pytest.approx(0.5e-3, rel=1e-5)    # halfway through 5 warm-up epochs
   assert float(s(500)) == pytest.approx(1e-3, rel=1e-5)
   assert float(s(1000)) == pytest.approx(c.min_lr, rel=1e-5)
   top = vim_s.get_config("top")
-  assert train.peak_lr(top) == pytest.approx(5e-6)           # ToP fine-tuning at batch 512
+  assert optim.peak_lr(top) == pytest.approx(5e-6)           # ToP fine-tuning at batch 512
   assert (top.weight_decay, top.model.drop_path_rate, top.num_epochs) == (1e-8, 0.0, 30)
 
 
@@ -30,19 +30,19 @@ def test_weight_decay_mask_follows_timm():
   params = {"pos_embed": jnp.zeros((1, 5, 4)), "cls_token": jnp.zeros((1, 1, 4)),
             "head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros((3,))},
             "layers": {0: {"mixer": {"A_log": jnp.zeros((8, 2)), "D": jnp.zeros((8,))}}}}
-  m = train.weight_decay_mask(params)
+  m = optim.weight_decay_mask(params)
   assert m == {"pos_embed": False, "cls_token": False, "head": {"kernel": True, "bias": False},
                "layers": {0: {"mixer": {"A_log": True, "D": False}}}}
 
 
 def test_prune_config_from_plain_fields():
   c = vim_s.get_config("top")
-  p = train.prune_config(c)
+  p = factory.prune_config(c)
   assert (p.layers, p.keep_ratio, p.alignment, p.fused_token) == ((5, 10, 15), 0.8, True, False)
-  assert train.prune_config(vim_s.get_config()) is None
-  assert train.prune_config(c, "removal").alignment is False
-  assert train.prune_config(vim_s.get_config("evit")).fused_token is True
-  assert train.prune_config(c, "dense") is None
+  assert factory.prune_config(vim_s.get_config()) is None
+  assert factory.prune_config(c, "removal").alignment is False
+  assert factory.prune_config(vim_s.get_config("evit")).fused_token is True
+  assert factory.prune_config(c, "dense") is None
 
 
 def test_mixup_cutmix_targets_are_distributions():
@@ -73,17 +73,20 @@ def test_rand_augment_is_deterministic_and_in_range():
 
 
 def test_nonfinite_guard_names_the_step():
-  recs = [{"loss": 1.0, "grad_norm": 1.0}, {"loss": float("nan"), "grad_norm": 1.0}]
-  with pytest.raises(FloatingPointError, match=r"at step 12 .*steps 11\.\.12"):
-    train._check_finite(recs, 10)
-  train._check_finite(recs[:1], 10)
+  recs = [{"loss": 1.0, "grad_norm": 1.0, "finite": True},
+          {"loss": float("nan"), "grad_norm": 1.0, "finite": False}]
+  with pytest.raises(FloatingPointError, match=r"at step 12 .*no checkpoint was saved"):
+    train.check_finite(recs, 10)
+  train.check_finite(recs[:1], 10)
+  # A skipped step (config.skip_nonfinite) is not an error.
+  train.check_finite([{**recs[1], "skipped": 1.0}], 10)
 
 
 def _tiny(config):
   config.model.depth, config.model.embed_dim, config.model.d_state = 2, 32, 4
   config.pruning.layers = (1, 2)
   config.aug.randaug_layers = 0     # RandAugment doubles compile time; tested on its own above
-  config.data.workers = 1
+  config.data.workers = 0
   return config
 
 
@@ -118,10 +121,10 @@ def test_plainmamba_weight_decay_exempts_its_ssm_parameters():
   params = {"layers": {"0": {"mixer": {"A_log": np.zeros((4, 2)), "direction_Bs": np.zeros((5, 2)),
                                        "in_proj": {"kernel": np.zeros((3, 4))}}}},
             "pos_embed": np.zeros((1, 4, 3))}
-  m = train.weight_decay_mask(params, model_name="plainmamba_l1")
+  m = optim.weight_decay_mask(params, model_name="plainmamba_l1")
   assert not m["layers"]["0"]["mixer"]["A_log"] and not m["layers"]["0"]["mixer"]["direction_Bs"]
   assert m["layers"]["0"]["mixer"]["in_proj"]["kernel"] and not m["pos_embed"]
-  assert train.weight_decay_mask(params)["layers"]["0"]["mixer"]["A_log"]  # Vim decays A_log
+  assert optim.weight_decay_mask(params)["layers"]["0"]["mixer"]["A_log"]  # Vim decays A_log
 
 
 class _Mesh:
@@ -143,11 +146,11 @@ def test_bad_pruning_variants_fail_before_training(tmp_path):
   c = digits.get_config("runlocal")
   c.pruning.enabled, c.pruning.layers, c.compare = True, (2, 9), ()
   with pytest.raises(ValueError, match=r"config.pruning: pruning layers \[9\] are beyond"):
-    train.check_pruning(c)
+    factory.check_pruning(c)
   c.compare = ("dense", "bogus")
   c.pruning.layers = (2, 4)
   with pytest.raises(ValueError, match=r"variant 'bogus': unknown pruning variant"):
-    train.check_pruning(c)
+    factory.check_pruning(c)
 
 
 def test_batch_sizes_are_checked_up_front_naming_the_field(tmp_path):
@@ -155,11 +158,11 @@ def test_batch_sizes_are_checked_up_front_naming_the_field(tmp_path):
   c.eval_batch_size = 15
   with pytest.raises(ValueError, match=r"config.eval_batch_size=15 is not divisible by the 2 "
                                        r"devices.*multiple of 2 \(e.g. 14 or 16\)"):
-    train.check_config(c, _Mesh(2))
-  train.check_config(c, _Mesh(1))
+    factory.check_config(c, _Mesh(2))
+  factory.check_config(c, _Mesh(1))
   c.batch_size = 0
   with pytest.raises(ValueError, match=r"config.batch_size must be a positive integer, got 0"):
-    train.check_config(c, _Mesh(1))
+    factory.check_config(c, _Mesh(1))
   with pytest.raises(ValueError, match=r"config.batch_size must be a positive integer"):
     train.train_and_evaluate(c, str(tmp_path))
   assert os.listdir(tmp_path) == []
@@ -188,9 +191,9 @@ def test_metric_writer_drops_rows_after_the_resumed_step(tmp_path):
 def test_per_layer_keep_ratios_win_over_keep_ratio():
   c = vim_s.get_config("top")
   c.pruning.keep_ratios = (0.9, 0.7, 0.5)
-  p = train.prune_config(c)
+  p = factory.prune_config(c)
   assert p.ratios == (0.9, 0.7, 0.5) and p.token_counts(197) == [177, 125, 63]
-  assert train.prune_config(c, "removal").ratios == (0.9, 0.7, 0.5)
+  assert factory.prune_config(c, "removal").ratios == (0.9, 0.7, 0.5)
   c.pruning.keep_ratios = (0.9, 0.7)           # two ratios for three layers: named, before training
   with pytest.raises(ValueError, match=r"config.pruning: keep_ratio has 2 values for 3"):
-    train.check_pruning(c)
+    factory.check_pruning(c)

@@ -2,19 +2,24 @@
 
 ``state`` is the whole train state pytree (params, optimizer state, EMA, step, the model's RNG
 streams); ``meta`` is JSON with the step, the data-iterator position (the step: batches are a
-pure function of (seed, step), toppax.input_pipeline) and the model config it was written for.
-Resume is automatic from ``<workdir>/checkpoints``. A checkpoint that cannot be read, or whose
-arrays do not fit the configured model, raises ``CheckpointError``: never a silent restart.
+pure function of (seed, step), toppax.input_pipeline), the model config it was written for and
+a CRC-32 of every array. Resume is automatic from ``<workdir>/checkpoints``. A checkpoint that
+cannot be read, whose bytes differ from their checksums, that holds non-finite values, or whose
+arrays do not fit the configured model raises ``CheckpointError``: never a silent restart, never
+damaged values. A state that is not finite is never written (``NonFiniteError``).
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from toppax.errors import CheckpointError, NonFiniteError
 from toppax.sharding import is_prng_key as _is_key
 
 
@@ -51,10 +56,6 @@ def quiet_orbax():
       h.addFilter(_DropOrbaxInfo())
   if not getattr(sys.unraisablehook, "toppax_quiet", False):
     sys.unraisablehook = _quiet_unraisable_hook(sys.unraisablehook)
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint in the workdir is corrupt or does not match the config."""
 
 
 def brief_error(e: BaseException, limit: int = 300) -> str:
@@ -167,6 +168,53 @@ def _shape_mismatches(stored, abstract) -> list[str]:
   return out
 
 
+def _mismatch(message: str) -> CheckpointError:
+  """A readable checkpoint written for another model: falling back to an earlier one of the same
+  run would not help."""
+  e = CheckpointError(message)
+  e.mismatch = True
+  return e
+
+
+class _quiet_failed_reads:
+  """While a restore runs: asyncio's "exception was never retrieved" / "Task was destroyed"
+  reports of orbax's pending reads, and TensorStore's dumps of them, are dropped. A failed read
+  leaves them behind by the hundred after the real error, which CheckpointError reports."""
+
+  def __enter__(self):
+    self._logger = logging.getLogger("asyncio")
+    self._level = self._logger.level
+    self._logger.setLevel(logging.CRITICAL)
+    return self
+
+  def __exit__(self, *exc):
+    self._logger.setLevel(self._level)
+    return False
+
+
+def _host(x) -> np.ndarray:
+  """This process's copy of a (replicated) array."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(jax.device_get(x))
+
+
+def _is_float(a: np.ndarray) -> bool:
+  return a.dtype.kind in "fc" or a.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def inspect_arrays(tree) -> tuple[dict[str, str], list[str]]:
+  """(``{path: CRC-32 of the array's bytes}``, paths holding NaN or Inf) of a pytree: one pass
+  over the host copy of every array (a few hundred MB for ViM-S with its optimizer and EMA)."""
+  sums, bad = {}, []
+  for path, x in _flatten(tree).items():
+    a = np.ascontiguousarray(_host(x))
+    sums[path] = f"{zlib.crc32(memoryview(a).cast('B')) & 0xFFFFFFFF:08x}"
+    if _is_float(a) and not np.isfinite(a.astype(np.float32, copy=False)).all():
+      bad.append(path)
+  return sums, bad
+
+
 class Checkpointer:
   """Saves every ``every`` steps (and when forced), keeps the last ``keep``."""
 
@@ -187,15 +235,47 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    """Whether ``save(step, ...)`` would write (the interval is due and the step is new)."""
+    return step != self.latest_step() and self.manager.should_save(step)
+
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-    if step == self.latest_step():
+    """Writes ``state`` with ``meta`` (plus the arrays' checksums) when due or forced. A state
+    holding NaN or Inf is never written: NonFiniteError names its arrays."""
+    if step == self.latest_step() or not (force or self.manager.should_save(step)):
       return False
+    savable = _to_savable(state)
+    sums, bad = inspect_arrays(savable)
+    if bad:
+      raise NonFiniteError(
+          f"refusing to save checkpoint {step}: non-finite values in {_shown(bad)}. The last "
+          f"checkpoint on disk is step {self.latest_step()} in {self.directory}")
     saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_savable(state)), meta=ocp.args.JsonSave(meta)),
-        force=force)
+        state=ocp.args.StandardSave(savable),
+        meta=ocp.args.JsonSave({**meta, "checksums": sums})), force=force)
     if saved:
       logging.info("saved checkpoint %d in %s", step, self.directory)
     return saved
+
+  def restore_latest(self, abstract_state, *, config=None, fallback: bool = False):
+    """``restore`` of the latest checkpoint. With ``fallback``, a damaged or unreadable one is
+    moved aside (to ``damaged-<step>`` in the same directory, kept for inspection) and the one
+    before it is tried, down to the first; without it the first error is raised."""
+    while True:
+      step = self.latest_step()
+      try:
+        return self.restore(abstract_state, step, config=config)
+      except CheckpointError as e:
+        earlier = [s for s in self.manager.all_steps() if s < (step or 0)]
+        if not fallback or step is None or getattr(e, "mismatch", False):
+          raise
+        if not earlier:
+          raise CheckpointError(f"{e} No earlier checkpoint is left to fall back to.") from None
+        aside = os.path.join(self.directory, f"damaged-{step}")
+        os.replace(os.path.join(self.directory, str(step)), aside)
+        self.manager.reload()
+        logging.warning("checkpoint %d is damaged (%s); moved to %s, resuming from step %d "
+                        "(config.resume_fallback)", step, e, aside, max(earlier))
 
   def restore(self, abstract_state, step: int | None = None, *, config=None):
     """(state, meta) of ``step`` (default: the latest), sharded like ``abstract_state``.
@@ -206,7 +286,11 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     where = os.path.join(self.directory, str(step))
-    hint = (f"Move {where} away to resume from an earlier step, or use a new --workdir to start "
+    earlier = [s for s in self.manager.all_steps() if s < step]
+    hint = (f"Move {where} away to resume from the checkpoint before it (step {max(earlier)}; "
+            "--config.resume_fallback=True does that for you), or use a new --workdir to start "
+            "afresh (nothing is restarted silently)." if earlier else
+            f"Move {where} away (no earlier checkpoint exists) or use a new --workdir to start "
             "afresh (nothing is restarted silently).")
     target = _abstract_savable(abstract_state)
     try:
@@ -219,21 +303,37 @@ class Checkpointer:
                             f"incomplete or not a toppax checkpoint). {hint}")
     bad = _shape_mismatches(stored, target)
     if bad:
-      raise CheckpointError(
+      raise _mismatch(
           f"checkpoint {where} is readable but does not match the configured model/optimizer:"
           f"\n  {_shown(bad)}\n{config_diff(self.stored_config(step), config)}\nRun with the "
           f"config that wrote it (see {os.path.dirname(self.directory)}/config.json), or use a "
           "new --workdir for this config.")
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-      state = _from_savable(out["state"], abstract_state)
-      # Force a full read now, so a truncated array file fails here and not mid-training.
-      jax.block_until_ready(state)
+      with _quiet_failed_reads():
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        # Force a full read now, so a truncated array file fails here and not mid-training.
+        jax.block_until_ready(out["state"])
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} could not be restored (corrupt or incomplete): "
-                            f"{brief_error(e)}. {hint}") from e
+                            f"{brief_error(e)}. {hint}") from None
     meta = out["meta"] or {}
+    sums, nonfinite = inspect_arrays(out["state"])
+    stored_sums = meta.get("checksums")
+    if stored_sums is None:
+      logging.warning("checkpoint %s has no checksums (written by an older toppax): its bytes "
+                      "cannot be verified", where)
+    else:
+      damaged = sorted(k for k in stored_sums if sums.get(k) != stored_sums[k])
+      if damaged:
+        raise CheckpointError(f"checkpoint {where} is damaged: {len(damaged)} array(s) differ "
+                              f"from the checksums written with it ({', '.join(damaged[:5])}"
+                              f"{', ...' if len(damaged) > 5 else ''}). {hint}")
+    if nonfinite:
+      raise CheckpointError(f"checkpoint {where} holds non-finite values in "
+                            f"{', '.join(nonfinite[:5])}{', ...' if len(nonfinite) > 5 else ''}"
+                            f" (a diverged run). {hint}")
+    state = _from_savable(out["state"], abstract_state)
     if meta.get("step", step) != step:
       raise CheckpointError(f"checkpoint {where} says step {meta.get('step')} in its metadata "
                             f"but is stored as step {step}. {hint}")

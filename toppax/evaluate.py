@@ -17,7 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from toppax import augment, input_pipeline, sharding
+from toppax import augment, checkpointing, factory, input_pipeline, optim, sharding
+from toppax.timing import time_call
 
 
 @functools.lru_cache(maxsize=16)
@@ -42,9 +43,10 @@ def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None) ->
   sharding.check_batch(config.eval_batch_size, mesh, name="config.eval_batch_size")
   totals = None
   n = num_examples or config.data.eval_examples or None
-  for batch in input_pipeline.eval_batches(source, config, n):
-    out = step(params, rngs, sharding.to_global(batch, mesh))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  with input_pipeline.eval_batches(source, config, n) as batches:
+    for batch in batches:
+      out = step(params, rngs, sharding.to_global(batch, mesh))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   count = float(totals["count"])
   return {"top1": float(totals["top1"]) / count, "top5": float(totals["top5"]) / count,
@@ -53,17 +55,16 @@ def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None) ->
 
 def model_gflops(config, pruning) -> tuple[float, str]:
   """GFLOPs per image: toppax.tools.flops when available, else XLA's cost analysis."""
-  from toppax import train
-  overrides = train.model_overrides(config)
+  overrides = factory.model_overrides(config)
   img = overrides.pop("img_size")
-  structural = {k: v for k, v in overrides.items() if k not in train.RUNTIME_FIELDS}
+  structural = {k: v for k, v in overrides.items() if k not in factory.RUNTIME_FIELDS}
   try:
     from toppax.tools import flops
     return float(flops.model_gflops(config.model.name, img_size=img, pruning=pruning,
                                     **structural)), "toppax.tools.flops"
   except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError) as e:
     logging.info("toppax.tools.flops unavailable (%s): using XLA cost analysis", e)
-  defs = train.model_defs(config, pruning=pruning)
+  defs = factory.model_defs(config, pruning=pruning)
   x = jax.ShapeDtypeStruct((1, img, img, config.model.get("channels", 3) or 3), jnp.float32)
   f = jax.jit(lambda p, r, x: nnx.merge(defs.eval, p, r)(x))
   cost = f.lower(defs.params, defs.rngs, x).compile().cost_analysis()
@@ -74,25 +75,24 @@ def model_gflops(config, pruning) -> tuple[float, str]:
 
 def inference_throughput(graphdef, params, rngs, images, repeats=5, warmup=2) -> float:
   """img/s of the jitted forward on ``images`` (warm-up excluded, median of ``repeats``)."""
-  from toppax.tools import bench
   f = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x))
-  t = bench.time_call(f, params, rngs, images, repeats=repeats, warmup=warmup)
+  t = time_call(f, params, rngs, images, repeats=repeats, warmup=warmup)
   return images.shape[0] / t
 
 
 def compare(config, params, rngs, source, mesh, variants=None) -> list[dict]:
   """Evaluates ``params`` as each variant in ``config.compare`` (dense, top, removal, evit)."""
-  from toppax import train
   variants = variants or tuple(config.compare)
   # One fixed batch for timing, normalised on host, placed like a train batch.
-  first = next(iter(input_pipeline.eval_batches(source, config, batch_size=config.eval_batch_size)))
+  with input_pipeline.eval_batches(source, config, batch_size=config.eval_batch_size) as batches:
+    first = next(batches)
   images = sharding.to_global(
       {"x": np.asarray(augment.normalize(first["image"], config.data.mean, config.data.std))},
       mesh)["x"]
   rows = []
   for variant in variants:
-    pruning = train.prune_config(config, variant)
-    defs = train.model_defs(config, pruning=pruning)
+    pruning = factory.prune_config(config, variant)
+    defs = factory.model_defs(config, pruning=pruning)
     m = evaluate(config, defs.eval, params, rngs, source, mesh)
     gflops, gflops_source = model_gflops(config, pruning)
     ips = inference_throughput(defs.eval, params, rngs, images)
@@ -142,21 +142,20 @@ def write_table(rows, config, workdir):
 
 def run_eval(config, workdir: str) -> dict:
   """``--mode=eval``: the latest checkpoint in ``workdir`` (else ``config.init_from``)."""
-  from toppax import checkpointing, train
   mesh = sharding.make_mesh()
-  train.check_config(config, mesh, training=False)
+  factory.check_config(config, mesh, training=False)
   source = input_pipeline.make_source(config.data, "eval")
-  defs = train.model_defs(config)
+  defs = factory.model_defs(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = checkpointing.Checkpointer(ckpt_dir) if os.path.isdir(ckpt_dir) else None
   if ckpt is not None and ckpt.latest_step() is not None:
     # The optimizer's state shapes do not depend on the schedule: any one restores them.
-    tx = train.make_optimizer(config, train.lr_schedule(config, 1, 1))
-    state, _ = ckpt.restore(train.abstract_state(config, defs, tx, mesh), config=config)
-    params, rngs = train.eval_params(config, state), state["rngs"]
+    tx = optim.restore_optimizer(config)
+    state, _ = ckpt.restore(factory.abstract_state(config, defs, tx, mesh), config=config)
+    params, rngs = factory.eval_params(config, state), state["rngs"]
     logging.info("evaluating checkpoint step %d from %s", int(state["step"]), ckpt_dir)
   elif config.init_from:
-    params, rngs = train.load_init_params(config, defs, sharding.replicated(mesh))
+    params, rngs = factory.load_init_params(config, defs, sharding.replicated(mesh))
   else:
     raise FileNotFoundError(f"nothing to evaluate: no checkpoint in {ckpt_dir} and no "
                             "config.init_from")

@@ -6,6 +6,7 @@ here; the work happens in importable functions (toppax.train, toppax.evaluate, t
 from __future__ import annotations
 
 import hashlib
+import logging as std_logging
 import os
 import re
 import sys
@@ -51,11 +52,50 @@ def config_spec(filename: str, raw: str) -> str:
 
 
 def main(argv):
+  """Runs ``--mode`` on ``--config``; a user error ends as one ``error: ...`` line, status 2."""
+  try:
+    _main(argv)
+  except Exception as e:  # noqa: BLE001 -- sorted into user errors and bugs just below
+    if not is_user_error(e):
+      raise
+    report_error(e)
+
+
+def is_user_error(e: BaseException) -> bool:
+  """A ``toppax.errors.UserError``, or a ValueError / TypeError / FileNotFoundError raised by
+  toppax's or a config file's own checks (its innermost frame is in that code). An exception
+  raised inside jax, flax or numpy is a bug to report and keeps its traceback."""
+  from toppax.errors import UserError
+  if isinstance(e, UserError):
+    return True
+  if not isinstance(e, (ValueError, TypeError, FileNotFoundError, NotADirectoryError)):
+    return False
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  where = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb is not None else ""
+  ours = [os.path.dirname(os.path.abspath(__file__))]
+  if FLAGS.is_parsed() and FLAGS["config"].present:
+    ours.append(os.path.dirname(os.path.abspath(_raw_config().split(":", 1)[0])))
+  return any(where.startswith(d + os.sep) for d in ours)
+
+
+def report_error(e: BaseException):
+  message = str(e).strip() or type(e).__name__
+  sys.stderr.write(f"error: {message}\n")
+  sys.exit(2)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   if not isinstance(config, ml_collections.ConfigDict):   # ml_collections defers load errors
     raise app.UsageError(f"could not load the config file of --config={_raw_config()}")
+  # jax probes every backend it knows and logs each one this machine lacks ("Unable to
+  # initialize backend 'tpu'") at INFO on every run: noise, not news.
+  std_logging.getLogger("jax._src.xla_bridge").addFilter(
+      lambda r: not r.getMessage().startswith("Unable to initialize backend"))
   # Imports after flag parsing, so that --help stays fast and XLA flags set by the caller apply.
   import jax
 
@@ -86,8 +126,8 @@ def main(argv):
     from toppax.tools import flops
     flops.run(config)
   elif FLAGS.mode == "convert":
-    from toppax import convert
-    convert.run(config, workdir)
+    from toppax.tools import convert_checkpoint
+    convert_checkpoint.run(config, workdir)
   elif FLAGS.mode == "study":
     if "study" not in config:
       raise app.UsageError("--mode=study needs a config with a `study` section, e.g. "
@@ -116,9 +156,24 @@ def _config_flag_value(argv):
 
 
 def _fail(message: str):
-  sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                   "Pass --helpshort or --helpfull to see help on flags.\n")
-  sys.exit(1)
+  sys.stderr.write(f"error: {message}\n")
+  sys.exit(2)
+
+
+def _flag_error_message(error: BaseException) -> str:
+  """The message of a flag-parsing error, without the quoting that KeyError adds: a config
+  field typo (``--config.lrr=1``) is raised by ml_collections as a KeyError."""
+  for e in (error.__cause__, error.__context__, error):
+    if isinstance(e, (KeyError, AttributeError)) and e.args and isinstance(e.args[0], str):
+      return e.args[0]
+  return str(error)
+
+
+def _parse(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{_flag_error_message(e)} (--helpshort lists the flags)")
 
 
 def prepare_config_file(path: str):
@@ -134,19 +189,22 @@ def prepare_config_file(path: str):
 
 
 def parse_flags(argv):
-  """absl ``flags_parser``: a short error for a missing or unloadable config file."""
+  """absl ``flags_parser``: one ``error: ...`` line (status 2) for a missing or unloadable config
+  file, a bad config argument or an unknown ``--config.*`` field."""
   try:
     value = _config_flag_value(FLAGS.read_flags_from_files(argv, force_gnu=False))
   except flags.Error:
     value = None                      # reported by the parsing below
   if value is None:
-    return app.parse_flags_with_usage(argv)
+    return _parse(argv)
   path = value.split(":", 1)[0]
   prepare_config_file(path)
   try:
-    return app.parse_flags_with_usage(argv)
+    return _parse(argv)
   except (ImportError, SyntaxError, OSError) as e:
     _fail(f"--config: cannot load {path!r}: {type(e).__name__}: {e}")
+  except (ValueError, TypeError, KeyError) as e:   # get_config(arg) rejected its arguments
+    _fail(f"--config={value}: {_flag_error_message(e)}")
 
 
 def run_main():

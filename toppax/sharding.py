@@ -86,12 +86,11 @@ def apply_model(graphdef, params, rngs, images, mesh):
 
   On more than one device the forward runs per shard under ``jax.shard_map`` (params and
   state replicated, images and logits split). The Pallas scan kernels are custom calls that
-  XLA's SPMD partitioner cannot split: left to GSPMD, it all-gathers their operands and every
-  device scans the whole global batch (measured on 2 x H200 before this: 1.05-1.09x for 2
-  GPUs). The kernels accept ``check_vma=True`` (pallas_kernels.common.varying_like); this
-  shard_map keeps ``check_vma=False`` because Pallas' interpret mode (the CPU tests of the GPU
-  kernel under it) fails on dynamic Ref indexing under that check. The gradients of the
-  replicated inputs are summed over the mesh either way (tests/test_sharding.py).
+  XLA's SPMD partitioner cannot split: left to GSPMD, it would all-gather their operands and
+  every device would scan the whole global batch. The shard_map keeps ``check_vma=False``
+  because Pallas' interpret mode (the CPU tests of the GPU kernel under it) fails on dynamic
+  Ref indexing under that check. The gradients of the replicated inputs are summed over the
+  mesh either way (tests/test_sharding.py).
   Each shard folds its index into the model's RNG keys (drop-path masks differ per shard); the
   state returned keeps the original keys with the advanced counters, identical on all shards.
   """

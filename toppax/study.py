@@ -11,10 +11,11 @@ For each seed in ``config.study.seeds``:
 3. fine-tune the dense model with that same budget too ("dense+ft"), so that the gain of the
    pruned fine-tunes is not confused with plain extra training.
 
-Every finished entry goes to ``<workdir>/study.json`` at once; a rerun (or a killed one)
-skips what is there, and the training runs resume from their checkpoints. Then
-``study.md`` (per-seed rows and means over seeds), ``study.png`` (top-1 vs GFLOPs,
-zero-shot and fine-tuned) are written next to it. All methods at one keep ratio keep the same
+Every finished entry goes to ``<workdir>/study-seed<S>.json`` at once (``-part<i>`` appended
+when ``config.study.part`` splits the work); a rerun (or a killed one) skips what is there, and
+the training runs resume from their checkpoints. Then ``study.json`` (every seed), ``study.md``
+(per-seed rows and means over seeds) and ``study.png`` (top-1 vs GFLOPs, zero-shot and
+fine-tuned) are written next to them. All methods at one keep ratio keep the same
 number of tokens per stage; their GFLOPs (toppax.tools.flops) differ only by ToP's alignment
 decay and EViT's one fused token, and are reported per row.
 """
@@ -30,7 +31,8 @@ import time
 
 import jax
 
-from toppax import evaluate, input_pipeline, sharding, train
+from toppax import checkpointing, evaluate, factory, input_pipeline, sharding, train
+from toppax.timing import format_duration, versions
 
 METHODS = ("top", "removal", "evit")
 LABELS = {"top": "ToP (alignment)", "removal": "removal", "evit": "EViT (fused token)",
@@ -133,11 +135,10 @@ def run(config, workdir: str) -> dict:
   _check(config)
   s = config.study
   os.makedirs(workdir, exist_ok=True)
-  from toppax.tools import bench
   header = {"model": config.model.to_dict(), "pruning_layers": list(config.pruning.layers),
             "study": s.to_dict(), "train": {"epochs": config.num_epochs,
                                              "batch_size": config.batch_size, "lr": config.lr},
-            "device": jax.devices()[0].device_kind, "versions": bench.versions()}
+            "device": jax.devices()[0].device_kind, "versions": versions()}
   mesh = sharding.make_mesh()
   eval_source = None
   entries = [(m, float(r), s.importance) for r in s.keep_ratios for m in s.methods]
@@ -175,7 +176,7 @@ def run(config, workdir: str) -> dict:
       done_now += 1
     if all(_key(seed, *e) in results.done() for e in entries):
       continue
-    defs = train.model_defs(dense)
+    defs = factory.model_defs(dense)
     params, _ = _dense_params(dense, dense_dir, defs, mesh)
     eval_source = eval_source or input_pipeline.make_source(config.data, "eval")
 
@@ -186,9 +187,9 @@ def run(config, workdir: str) -> dict:
       c = _pruned(cs, "dense" if method == "dense+ft" else method, ratio, importance)
       zero = None
       if method != "dense+ft":
-        pdefs = train.model_defs(c)
+        pdefs = factory.model_defs(c)
         zero = evaluate.evaluate(c, pdefs.eval, params,
-                                 train.fresh_rngs(c, sharding.replicated(mesh)), eval_source,
+                                 factory.fresh_rngs(c, sharding.replicated(mesh)), eval_source,
                                  mesh)
       name = f"{method}-r{ratio:g}-{importance}".replace("+", "_")
       t = time.perf_counter()
@@ -205,7 +206,7 @@ def run(config, workdir: str) -> dict:
       logging.info("study: %s zero-shot %s fine-tuned %.2f%% | seed %d: %d/%d entries, "
                    "ETA %s", key, "-" if zero is None else f"{100 * zero['top1']:.2f}%",
                    100 * _top1(res), seed, total - left, total,
-                   train._fmt_time((left + later) * rate))
+                   format_duration((left + later) * rate))
   return write_report(workdir)
 
 
@@ -224,7 +225,6 @@ def _part(spec):
 
 def _wait_for_dense(dense_dir, seed, poll_s=10.0):
   """Parts other than 0 wait for part 0 to train and export the seed's dense model."""
-  from toppax import checkpointing
   where = os.path.join(dense_dir, checkpointing.PARAMS_DIR)
   logging.info("study: waiting for part 0 to train the dense model of seed %d (%s)", seed, where)
   while not os.path.exists(os.path.join(dense_dir, "params_meta.json")):
@@ -234,25 +234,23 @@ def _wait_for_dense(dense_dir, seed, poll_s=10.0):
 def _export_dense(config, dense_dir, mesh):
   """The trained dense model's evaluation parameters as ``<dense_dir>/params`` (the format of
   --mode=convert): what the fine-tunes start from, small enough to move between machines."""
-  from toppax import checkpointing
   if os.path.isdir(os.path.join(dense_dir, checkpointing.PARAMS_DIR)):
     return
-  defs = train.model_defs(config)
+  defs = factory.model_defs(config)
   params, what = checkpointing.load_params(os.path.join(dense_dir, "checkpoints"), defs.params,
                                            use_ema=bool(config.eval_ema),
                                            sharding=sharding.replicated(mesh))
-  checkpointing.save_params(dense_dir, params, train.fresh_rngs(config, sharding.replicated(mesh)),
+  checkpointing.save_params(dense_dir, params, factory.fresh_rngs(config, sharding.replicated(mesh)),
                             {"source": what, "model": config.model.to_dict()})
 
 
 def _dense_params(config, dense_dir, defs, mesh):
-  from toppax import checkpointing
   return checkpointing.load_params(dense_dir, defs.params, use_ema=bool(config.eval_ema),
                                    sharding=sharding.replicated(mesh))
 
 
 def _row(c, key, seed, method, ratio, importance, zero_top1, ft_top1, train_s):
-  pruning = train.prune_config(c)
+  pruning = factory.prune_config(c)
   gflops, _ = evaluate.model_gflops(c, pruning)
   return {"key": key, "seed": int(seed), "method": method, "keep_ratio": float(ratio),
           "importance": importance, "tokens": evaluate.token_counts(c, pruning),

@@ -9,11 +9,11 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from toppax.convert import pth
+
+from toppax.errors import ConversionError  # re-exported as toppax.convert.ConversionError
+
 log = logging.getLogger(__name__)
-
-
-class ConversionError(ValueError):
-  """A state dict does not fit the model: lists every missing, unused and mis-shaped key."""
 
 
 def _to_numpy(v) -> np.ndarray:
@@ -51,18 +51,7 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
                               "np.savez(path, **state_dict) or pass the official .pth file"
                               ) from e
     else:
-      try:
-        import torch
-      except ImportError as e:
-        raise ImportError("loading a .pth checkpoint needs torch: pip install 'toppax[convert]' "
-                          "(CPU torch is enough), or pass a dict of numpy arrays") from e
-      try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-      except Exception as e:
-        from toppax.checkpointing import brief_error
-        raise ConversionError(f"could not read checkpoint {path!r} ({brief_error(e)}): "
-                              "it is truncated or not a PyTorch checkpoint; download the "
-                              "official .pth again (or pass a .npz state dict)") from e
+      obj = pth.load(path)   # torch-free, and refuses pickles that would run code
       sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
   elif isinstance(source, Mapping):
     sd = dict(source)

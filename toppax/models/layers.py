@@ -39,3 +39,9 @@ class DropPath(nnx.Module):
     keep = 1.0 - self.rate[...]
     mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def trunc_normal(std: float):
+  """timm's ``trunc_normal_(std=std)`` initialiser: N(0, std) truncated at +-2 (absolute)."""
+  return lambda key, shape, dtype=jnp.float32: std * jax.random.truncated_normal(
+      key, -2.0 / std, 2.0 / std, shape, dtype)

@@ -6,7 +6,7 @@ CustomAveragePooling neck = mean over tokens, LinearClsHead = one Linear). The o
 quirks, which the released weights were trained with, are kept on purpose; docs/plainmamba.md
 lists each one and tests/test_plainmamba.py checks each.
 
-Pruning (DESIGN §4): there is no cls token; kept tokens stay in raster order. The 7x7 depthwise
+Pruning (docs/pruning.md): there is no cls token; kept tokens stay in raster order. The 7x7 depthwise
 conv sees the kept tokens scattered back into the H x W grid (zeros elsewhere); each zig-zag scan
 runs over its full-grid order restricted to the kept tokens, with the alignment gaps counted in
 that order.
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from toppax.models.layers import DropPath
+from toppax.models.layers import DropPath, trunc_normal
+from toppax.pruning import PruneConfig, TokenRestorer, Tokens, full_positions, prune
 from toppax.pruning import ops as prune_ops
-from toppax.pruning.config import PruneConfig, kept_count
 from toppax.ssm.ops import selective_scan
 
 # Scan-step direction codes of the official get_permute_order: [start, right, left, up, down].
@@ -176,16 +176,11 @@ def resize_pos_embed(pos_embed, src: tuple[int, int], dst: tuple[int, int]):
 # Layers
 
 
-def _trunc_normal(std):
-  return lambda key, shape, dtype=jnp.float32: std * jax.random.truncated_normal(
-      key, -2.0 / std, 2.0 / std, shape, dtype)
-
-
 def _linear(din, dout, *, bias, rngs, dtype):
   # The classifier's init_cfg: TruncNormal(std=0.02, bias=0) on every nn.Linear, dt_proj included
   # (mmcv re-initialises it after PlainMamba2D's own dt init).
   return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=_trunc_normal(0.02), bias_init=nnx.initializers.zeros, rngs=rngs)
+                    kernel_init=trunc_normal(0.02), bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
 def _conv(cin, cout, k, *, stride=1, pad=None, groups=1, bias, rngs, dtype):
@@ -271,7 +266,7 @@ class PlainMamba2D(nnx.Module):
     self.D = nnx.Param(jnp.ones((e,), jnp.float32))
     self.out_proj = _linear(e, d, bias=True, rngs=rngs, dtype=self.dtype)
     # One B offset per arrival direction [start, right, left, up, down].
-    self.direction_Bs = nnx.Param(_trunc_normal(0.02)(rngs.params(), (N_DIRECTIONS + 1, n)))
+    self.direction_Bs = nnx.Param(trunc_normal(0.02)(rngs.params(), (N_DIRECTIONS + 1, n)))
 
   def _scan_inputs(self, x_conv, b, hw, positions, alignment):
     """Per direction: (u in scan order, B with direction offsets, gaps, inverse permutation)."""
@@ -366,6 +361,8 @@ class PlainMamba(nnx.Module):
   ``model(images, return_info=True)`` also returns ``info`` with ``positions`` (one (B, K_i)
   array per pruning layer: the raster index of each kept token, ascending), ``scores`` (one
   (B, N_i) importance array per pruning layer) and ``tokens`` (sequence lengths).
+  ``num_classes=0`` builds no classifier head; ``forward_features`` reads the layers' outputs as
+  maps (the segmentation backbone).
   """
 
   def __init__(self, cfg: PlainMambaConfig, *, pruning: PruneConfig | None = None,
@@ -385,7 +382,7 @@ class PlainMamba(nnx.Module):
     self.pruning = pruning
     d = cfg.embed_dims
     self.patch_embed = ConvPatchEmbed(cfg, rngs=rngs)
-    self.pos_embed = nnx.Param(_trunc_normal(0.02)(rngs.params(), (1, cfg.num_patches, d)))
+    self.pos_embed = nnx.Param(trunc_normal(0.02)(rngs.params(), (1, cfg.num_patches, d)))
     self.drop_after_pos = nnx.Dropout(cfg.drop_rate, deterministic=True, rngs=rngs)
     dpr = np.linspace(0, cfg.drop_path_rate, cfg.num_layers)
     gap_delta = pruning.gap_delta if pruning is not None else "prev"
@@ -393,7 +390,8 @@ class PlainMamba(nnx.Module):
         PlainMambaLayer(cfg, drop_path=float(dpr[i]), with_dwconv=i in cfg.layers_with_dwconv,
                         gap_delta=gap_delta, rngs=rngs) for i in range(cfg.num_layers)])
     self.ln1 = _layer_norm(d, cfg.final_norm_eps, rngs=rngs)
-    self.head = _linear(d, cfg.num_classes, bias=True, rngs=rngs, dtype=jnp.float32)
+    if cfg.num_classes:
+      self.head = _linear(d, cfg.num_classes, bias=True, rngs=rngs, dtype=jnp.float32)
 
   def _grid_of(self, images) -> tuple[int, int]:
     cfg = self.cfg
@@ -406,34 +404,63 @@ class PlainMamba(nnx.Module):
     return grid_for(cfg, (images.shape[1], images.shape[2]))
 
   def __call__(self, images, *, return_info: bool = False):
+    if not self.cfg.num_classes:
+      raise ValueError("this PlainMamba has no classifier head (num_classes=0): use "
+                       "forward_features(images, taps=...)")
+    tokens, info, _ = self._encode(images, taps=())
+    x = self.ln1(tokens.hidden)
+    logits = self.head(jnp.mean(x.astype(jnp.float32), axis=1))
+    return (logits, info) if return_info else logits
+
+  def forward_features(self, images, *, taps):
+    """The outputs of layers ``taps`` (0-based) as NHWC maps (batch, H/p, W/p, dim), with no
+    norm applied (PlainMamba's segmentation backbone norms them itself). When pruned, every
+    position of the grid is filled: kept tokens with their own output, pruned ones with the
+    output they had when they were pruned (``toppax.pruning.TokenRestorer``). Returns
+    ``(maps, info)``, ``info`` as ``model(images, return_info=True)``'s."""
+    taps = tuple(sorted(int(t) for t in taps))
+    bad = [t for t in taps if not 0 <= t < self.cfg.num_layers]
+    if bad:
+      raise ValueError(f"taps {bad} outside the layers 0..{self.cfg.num_layers - 1} (0-based)")
+    _, info, maps = self._encode(images, taps=taps)
+    return maps, info
+
+  def _encode(self, images, taps):
+    """embed -> layers, pruned after the configured layers, read out after ``taps``.
+
+    Returns (the tokens after the last layer run, info, maps at the taps). Without taps every
+    layer runs; with taps the layers after the last one are skipped."""
     hw = self._grid_of(images)
     cfg, pr = self.cfg, self.pruning
     x = self.patch_embed(images.astype(jnp.dtype(cfg.dtype)))
     pos = resize_pos_embed(self.pos_embed[...], cfg.grid, hw)
     x = self.drop_after_pos(x + pos.astype(x.dtype))
     batch, n_full = x.shape[0], x.shape[1]
-    prune_at = dict(zip(pr.layers, pr.ratios)) if pr is not None else {}
+    prune_after = dict(zip(pr.layers, pr.ratios)) if pr is not None else {}
     alignment = pr is not None and pr.alignment
-    positions = None  # None: all H*W tokens in raster order (the dense model)
+    # positions None: all H*W tokens in raster order (the dense model's cheaper scan orders).
+    tokens, positions = Tokens(x, None, full_positions(batch, n_full)), None
     info = {"positions": [], "scores": [], "tokens": [n_full]}
-    for i, layer in enumerate(self.layers):
-      x, y = layer(x, hw, positions, alignment=alignment)
-      if (i + 1) not in prune_at:
-        continue
-      scores = prune_ops.importance(y, y, pr.importance)  # (y + y) / 2 == y exactly
-      k = kept_count(x.shape[1], prune_at[i + 1], has_cls=False)
-      _, idx = jax.lax.top_k(scores, k)
-      idx = jnp.sort(idx, axis=-1)  # raster order among the kept tokens
-      if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(n_full, dtype=jnp.int32), (batch, n_full))
-      x = prune_ops.take(x, idx)
-      positions = prune_ops.take(positions, idx)
-      info["positions"].append(positions)
-      info["scores"].append(scores)
-      info["tokens"].append(k)
-    x = self.ln1(x)
-    logits = self.head(jnp.mean(x.astype(jnp.float32), axis=1))
-    return (logits, info) if return_info else logits
+    restorer = TokenRestorer() if taps else None
+    maps = []
+    end = taps[-1] + 1 if taps else cfg.num_layers
+    for i in range(end):
+      x, y = self.layers[i](tokens.hidden, hw, positions, alignment=alignment)
+      tokens = tokens._replace(hidden=x)
+      if i in taps:
+        full = restorer.read(tokens)
+        maps.append(full.reshape(batch, *hw, full.shape[-1]))
+      if i + 1 in prune_after:
+        if restorer is not None:
+          restorer.before_prune(tokens, n_full)
+        # One summed output: (y + y) / 2 == y exactly. The 1-D gaps are not used: each zig-zag
+        # scan counts its own gaps from the positions (PlainMamba2D).
+        tokens, step = prune(tokens, (y, y), prune_after[i + 1], pr, n_full=n_full)
+        positions = tokens.positions
+        info["positions"].append(step.positions)
+        info["scores"].append(step.scores)
+        info["tokens"].append(tokens.hidden.shape[1])
+    return tokens, info, maps
 
 
 VARIANTS = {

@@ -7,16 +7,14 @@ cls token inserted at index M // 2 of the M patch tokens, head on the cls token)
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from toppax.models.layers import DropPath, RMSNorm
-from toppax.pruning import ops as prune_ops
-from toppax.pruning.config import PruneConfig, kept_count
+from toppax.models.layers import DropPath, RMSNorm, trunc_normal
+from toppax.pruning import PruneConfig, TokenRestorer, Tokens, full_positions, prune
 from toppax.ssm.mamba import BiMambaV2
 
 
@@ -35,11 +33,16 @@ class ViMConfig:
   drop_rate: float = 0.0
   drop_path_rate: float = 0.1
   norm_epsilon: float = 1e-5
+  # False: Vim's segmentation backbone (no cls token; the position embedding has no cls row).
+  cls_token: bool = True
   dtype: str = "float32"  # activation / matmul dtype; params, norms and scan state stay fp32
   scan_implementation: str | None = None
   # Run runs of identical blocks as one lax.scan over stacked parameters: compiles each block
   # body (and its scan kernels) once instead of `depth` times. Numerically identical.
   scan_layers: bool = True
+
+  def __post_init__(self):
+    check_image_size(self.img_size, self.patch_size, self.stride)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -53,16 +56,24 @@ class ViMConfig:
 
   @property
   def num_tokens(self) -> int:
-    return self.num_patches + 1
+    return self.num_patches + (1 if self.cls_token else 0)
 
   @property
   def cls_index(self) -> int:
     return self.num_patches // 2
 
 
-def _trunc_normal(std):
-  return lambda key, shape, dtype=jnp.float32: std * jax.random.truncated_normal(
-      key, -2.0 / std, 2.0 / std, shape, dtype)
+def check_image_size(img_size: int, patch_size: int, stride: int | None = None) -> None:
+  """Raises unless the patch embedding covers an ``img_size`` image exactly: Vim's strided conv
+  would drop the pixels past the last whole patch without a word."""
+  s = stride or patch_size
+  if img_size < patch_size or (img_size - patch_size) % s:
+    lo = max(patch_size, patch_size + (img_size - patch_size) // s * s)
+    what = (f"a multiple of patch_size {patch_size}" if s == patch_size else
+            f"patch_size {patch_size} plus a multiple of the stride {s}")
+    raise ValueError(f"img_size {img_size} is not {what}: the patch embedding would "
+                     f"{'see no patch' if img_size < patch_size else 'drop the last pixels'}. "
+                     f"Use img_size {lo} or {lo + s} (and resize the images to it)")
 
 
 class PatchEmbed(nnx.Module):
@@ -80,7 +91,9 @@ class PatchEmbed(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Add -> RMSNorm -> mixer, returning (mixer output, fp32 residual), as Vim's Block."""
+  """Add -> RMSNorm -> mixer, as Vim's Block. Returns (mixer output, fp32 residual, (y_f, y_b)):
+  the residual stream before the mixer output is added, and the mixer's gated SSM outputs (what
+  ToP's importance scores)."""
 
   def __init__(self, cfg: ViMConfig, drop_path: float, *, gap_delta: str, rngs: nnx.Rngs):
     self.mixer = BiMambaV2(cfg.embed_dim, d_state=cfg.d_state, d_conv=cfg.d_conv,
@@ -101,28 +114,33 @@ class Block(nnx.Module):
 
 
 class VisionMamba(nnx.Module):
-  """ViM classifier. ``model(images)`` takes NHWC float images and returns logits.
+  """ViM: ``model(images)`` takes NHWC float images and returns logits.
 
-  With ``pruning`` (a PruneConfig), tokens are pruned after the configured blocks;
-  ``model(images, return_info=True)`` also returns ``info`` with ``positions`` (one (B, K_i)
-  int array per stage: the original token index of each token in sequence order, -1 for an
-  EViT fused token) and ``scores`` (one (B, N_i) array per stage).
+  The forward reads as the data flows: embed -> for each stage: blocks -> (pruning step) -> ...
+  -> final norm -> head on the cls token. With ``pruning`` (a PruneConfig), tokens are pruned
+  after the configured blocks; ``model(images, return_info=True)`` also returns ``info`` with
+  ``positions`` (one (B, K_i) int array per stage: the original token index of each token in
+  sequence order, -1 for an EViT fused token), ``scores`` (one (B, N_i) array per stage) and
+  ``tokens`` (the sequence lengths).
+
+  ``cls_token=False`` builds the segmentation backbone (no cls token, every token prunable) and
+  ``num_classes=0`` no classifier head; ``forward_features`` reads the blocks' outputs as maps.
   """
 
   def __init__(self, cfg: ViMConfig, *, pruning: PruneConfig | None = None,
                rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    if cfg.img_size < cfg.patch_size:
-      raise ValueError(f"img_size {cfg.img_size} is smaller than patch_size {cfg.patch_size}")
     if pruning is not None:
       pruning.validate(cfg.depth)
-      pruning.token_counts(cfg.num_tokens)  # raises early if some stage would keep K < 1
+      # Raises now if some stage would keep K < 1.
+      pruning.token_counts(cfg.num_tokens, has_cls=cfg.cls_token)
     self.cfg = cfg
     self.pruning = pruning
     dim = cfg.embed_dim
     self.patch_embed = PatchEmbed(cfg, rngs=rngs)
-    self.cls_token = nnx.Param(_trunc_normal(0.02)(rngs.params(), (1, 1, dim)))
-    self.pos_embed = nnx.Param(_trunc_normal(0.02)(rngs.params(), (1, cfg.num_tokens, dim)))
+    if cfg.cls_token:
+      self.cls_token = nnx.Param(trunc_normal(0.02)(rngs.params(), (1, 1, dim)))
+    self.pos_embed = nnx.Param(trunc_normal(0.02)(rngs.params(), (1, cfg.num_tokens, dim)))
     self.pos_drop = nnx.Dropout(cfg.drop_rate, deterministic=True, rngs=rngs)
     dpr = [0.0] + list(np.linspace(0, cfg.drop_path_rate, cfg.depth))  # Vim's inter_dpr quirk
     gap_delta = pruning.gap_delta if pruning is not None else "prev"
@@ -130,9 +148,10 @@ class VisionMamba(nnx.Module):
                             for i in range(cfg.depth)])
     self.norm_f = RMSNorm(dim, eps=cfg.norm_epsilon)
     self.drop_path = DropPath(cfg.drop_path_rate, rngs=rngs)
-    self.head = nnx.Linear(dim, cfg.num_classes, param_dtype=jnp.float32,
-                           kernel_init=_trunc_normal(0.02), bias_init=nnx.initializers.zeros,
-                           rngs=rngs)
+    if cfg.num_classes:
+      self.head = nnx.Linear(dim, cfg.num_classes, param_dtype=jnp.float32,
+                             kernel_init=trunc_normal(0.02), bias_init=nnx.initializers.zeros,
+                             rngs=rngs)
 
   def _check_images(self, images):
     cfg = self.cfg
@@ -151,76 +170,121 @@ class VisionMamba(nnx.Module):
           f"expected NHWC images of shape (batch, {cfg.img_size}, {cfg.img_size}, {cfg.channels})"
           f" for this model (img_size={cfg.img_size}), got {got}; {fix}")
 
-  def embed(self, images):
+  def embed(self, images) -> Tokens:
+    """Patch tokens (cls token at index M // 2 when there is one) plus the position embedding,
+    as the start of the residual stream. Block 0 adds its (zero) input to that stream: exactly
+    Vim's "residual = hidden" start, in the same form as every other block, so all blocks can
+    share one scan body."""
     cfg = self.cfg
     x = self.patch_embed(images.astype(jnp.dtype(cfg.dtype)))
     b = x.shape[0]
-    c = cfg.cls_index
-    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, cfg.embed_dim))
-    x = jnp.concatenate([x[:, :c], cls, x[:, c:]], axis=1)
-    return self.pos_drop(x + self.pos_embed[...].astype(x.dtype))
+    if cfg.cls_token:
+      c = cfg.cls_index
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, cfg.embed_dim))
+      x = jnp.concatenate([x[:, :c], cls, x[:, c:]], axis=1)
+    x = self.pos_drop(x + self.pos_embed[...].astype(x.dtype))
+    return Tokens(jnp.zeros_like(x), x.astype(jnp.float32), full_positions(b, x.shape[1]))
 
   def __call__(self, images, *, return_info: bool = False):
     self._check_images(images)
-    return self._forward(images, return_info=return_info)
+    if not self.cfg.num_classes:
+      raise ValueError("this ViM has no classifier head (num_classes=0): use "
+                       "forward_features(images, taps=...)")
+    return self._classify(images, return_info=return_info)
+
+  def forward_features(self, images, *, taps):
+    """The outputs of blocks ``taps`` (0-based) as NHWC maps (batch, grid_h, grid_w, dim):
+    each block's mixer output (what Vim's segmentation backbone taps), in the activation dtype.
+    When pruned, every position of the grid is filled: kept tokens with their own output, pruned
+    ones with the output they had when they were pruned (``toppax.pruning.TokenRestorer``).
+    Returns ``(maps, info)``, ``info`` as ``model(images, return_info=True)``'s."""
+    self._check_images(images)
+    taps = tuple(sorted(int(t) for t in taps))
+    bad = [t for t in taps if not 0 <= t < self.cfg.depth]
+    if bad:
+      raise ValueError(f"taps {bad} outside the blocks 0..{self.cfg.depth - 1} (0-based)")
+    return self._features(images, taps=taps)
 
   # Compiled as a whole: op-by-op dispatch of 2 x depth scans is slow, and under an outer jit
   # (the functional train step) this nests at no cost.
   @nnx.jit(static_argnames=("return_info",))
-  def _forward(self, images, *, return_info: bool = False):
-    cfg, pr = self.cfg, self.pruning
-    hidden = self.embed(images)
-    batch, n_full = hidden.shape[0], hidden.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(n_full, dtype=jnp.int32), (batch, n_full))
-    prune_at = dict(zip(pr.layers, pr.ratios)) if pr is not None else {}
-    info = {"positions": [], "scores": [], "tokens": [n_full]}
-    # Block 0 adds its (zero) input to the residual stream: exactly Vim's "residual = hidden"
-    # start, in the same form as every other block, so all blocks can share one scan body.
-    residual = hidden.astype(jnp.float32)
-    hidden = jnp.zeros_like(hidden)
-    gaps_f, gaps_b = None, None
-    start = 0
-    for p in sorted(prune_at) + [None]:
-      stop = cfg.depth if p is None else p - 1
-      hidden, residual = self._run_blocks(range(start, stop), hidden, residual, gaps_f, gaps_b)
-      if p is None:
-        break
-      hidden, residual, (y_f, y_b) = self.layers[p - 1](hidden, residual, gaps_f=gaps_f,
-                                                        gaps_b=gaps_b)
-      start, i = p, p - 1
-      scores = prune_ops.importance(y_f, y_b, pr.importance)
-      k = kept_count(hidden.shape[1], prune_at[i + 1], has_cls=True)
-      cls_seq = jnp.argmax(positions == cfg.cls_index, axis=1)
-      if pr.cls_mode == "middle":
-        idx = prune_ops.select_middle(scores, cls_seq, k)
-      else:
-        idx = prune_ops.select_keep_position(scores, cls_seq, k)
-      new_hidden = prune_ops.take(hidden, idx)
-      new_residual = prune_ops.take(residual, idx)
-      new_positions = prune_ops.take(positions, idx)
-      if pr.fused_token and k < hidden.shape[1]:
-        new_hidden = jnp.concatenate(
-            [new_hidden, prune_ops.fused_token(hidden, scores, idx)], axis=1)
-        new_residual = jnp.concatenate(
-            [new_residual, prune_ops.fused_token(residual, scores, idx)], axis=1)
-        new_positions = jnp.concatenate(
-            [new_positions, jnp.full((batch, 1), prune_ops.FUSED, jnp.int32)], axis=1)
-      hidden, residual, positions = new_hidden, new_residual, new_positions
-      if pr.alignment:
-        gaps_f, gaps_b = prune_ops.alignment_gaps(positions, n_full)
-      info["positions"].append(positions)
-      info["scores"].append(scores)
-      info["tokens"].append(hidden.shape[1])
-    residual = residual + self.drop_path(hidden).astype(jnp.float32)
-    hidden = self.norm_f(residual, out_dtype=jnp.float32)
+  def _classify(self, images, *, return_info: bool = False):
+    tokens, info, _ = self._encode(images, taps=())
+    residual = tokens.residual + self.drop_path(tokens.hidden).astype(jnp.float32)
+    normed = self.norm_f(residual, out_dtype=jnp.float32)
     # The cls token's place in the sequence: fixed without pruning, per sample after it.
-    cls_seq = jnp.argmax(positions == cfg.cls_index, axis=1)
-    feature = jnp.take_along_axis(hidden, cls_seq[:, None, None], axis=1)[:, 0]
-    logits = self.head(feature)
+    cls_seq = jnp.argmax(tokens.positions == self.cfg.cls_index, axis=1)
+    logits = self.head(jnp.take_along_axis(normed, cls_seq[:, None, None], axis=1)[:, 0])
     return (logits, info) if return_info else logits
 
-  def _run_blocks(self, ids, hidden, residual, gaps_f, gaps_b):
-    """Blocks ``ids`` in order; a ``lax.scan`` over their stacked state when they share a graph."""
+  @nnx.jit(static_argnames=("taps",))
+  def _features(self, images, *, taps):
+    _, info, maps = self._encode(images, taps=taps)
+    return maps, info
+
+  def _encode(self, images, taps):
+    """embed -> blocks, pruned after the configured blocks, read out after ``taps``.
+
+    Returns (the tokens after the last block, info, maps at the taps)."""
+    cfg, pr = self.cfg, self.pruning
+    tokens = self.embed(images)
+    n_full = tokens.hidden.shape[1]
+    cls_position = cfg.cls_index if cfg.cls_token else None
+    prune_after = dict(zip(pr.layers, pr.ratios)) if pr is not None else {}
+    info = {"positions": [], "scores": [], "tokens": [n_full]}
+    restorer = TokenRestorer() if taps else None
+    maps, gaps, done = [], None, 0
+    # Feature maps need no block after the last tap.
+    end = taps[-1] + 1 if taps else cfg.depth
+    # Stage boundaries, counted in blocks done: after a tapped block and before a pruning step.
+    for stop in sorted(b for b in {t + 1 for t in taps} | set(prune_after) if b <= end):
+      tokens, scan_outputs = self._run_blocks(range(done, stop), tokens, gaps,
+                                              scan_outputs=stop in prune_after)
+      done = stop
+      if stop - 1 in taps:
+        maps.append(self._to_map(restorer.read(tokens)))
+      if stop in prune_after:
+        if restorer is not None:
+          restorer.before_prune(tokens, n_full)
+        tokens, step = prune(tokens, scan_outputs, prune_after[stop], pr, n_full=n_full,
+                             cls_position=cls_position)
+        gaps = step.gaps
+        info["positions"].append(step.positions)
+        info["scores"].append(step.scores)
+        info["tokens"].append(tokens.hidden.shape[1])
+    tokens, _ = self._run_blocks(range(done, end), tokens, gaps, scan_outputs=False)
+    return tokens, info, maps
+
+  def _to_map(self, full):
+    """(batch, num_tokens, dim) in sequence order -> (batch, grid_h, grid_w, dim), cls dropped."""
+    cfg = self.cfg
+    if cfg.cls_token:
+      c = cfg.cls_index
+      full = jnp.concatenate([full[:, :c], full[:, c + 1:]], axis=1)
+    return full.reshape(full.shape[0], *cfg.grid, full.shape[-1])
+
+  def _run_blocks(self, ids, tokens: Tokens, gaps, *, scan_outputs: bool):
+    """Blocks ``ids`` in order. Returns the tokens after the last block and, with
+    ``scan_outputs``, that block's gated SSM outputs ``(y_f, y_b)`` (what the pruning step
+    scores), else None.
+
+    Runs of blocks that share a graph go through one ``lax.scan`` over their stacked state. The
+    block whose scan outputs are wanted runs after that scan, on its own: a scan body that also
+    returned them would compile to another XLA program, which rounds differently (a keep-all
+    pruning step would then not reproduce the dense model bit for bit)."""
+    ids = list(ids)
+    last = ids.pop() if scan_outputs and ids else None
+    hidden, residual = self._scan_blocks(ids, tokens.hidden, tokens.residual, gaps)
+    ys = None
+    if last is not None:
+      gaps_f, gaps_b = gaps if gaps is not None else (None, None)
+      hidden, residual, ys = self.layers[last](hidden, residual, gaps_f=gaps_f, gaps_b=gaps_b)
+    return tokens._replace(hidden=hidden, residual=residual), ys
+
+  def _scan_blocks(self, ids, hidden, residual, gaps):
+    """Blocks ``ids``; a ``lax.scan`` over their stacked state when they share a graph (compiles
+    the block body, and its scan kernels, once instead of once per block)."""
+    gaps_f, gaps_b = gaps if gaps is not None else (None, None)
     layers = [self.layers[i] for i in ids]
     graphdef = nnx.graphdef(layers[0]) if layers else None
     if (len(layers) < 2 or not self.cfg.scan_layers

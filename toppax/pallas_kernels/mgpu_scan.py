@@ -1,31 +1,28 @@
-"""The inference forward of the selective scan on Pallas' Mosaic GPU backend (DESIGN §3).
+"""The inference forward of the selective scan on Pallas' Mosaic GPU backend.
 
-Measured on an H100 (ViM-S shape, fp32, docs/benchmarks.md) this forward ran in 0.165 ms where
-the Triton-lowered forward of ``gpu_scan`` took 0.198 ms in the same run (now 0.146-0.149 ms on
-an H100 and 0.146 ms on an H200), so ``gpu_scan.forward`` hands the inference forward (no
-checkpoints) here on GPUs of compute capability 9.0 or newer (TMA) whenever the shapes suit it:
-D a multiple of 128 and a row of B/C a multiple of 16 bytes. Training (forward with checkpoints
-and the backward) stays on the Triton kernels. If the kernel does not compile for a signature,
-the Triton forward is used with a logged warning.
+``gpu_scan.forward`` hands it the inference forward (no checkpoints) on GPUs of compute
+capability 9.0 or newer (TMA) when the shapes suit it (D a multiple of 128, a row of B/C a
+multiple of 16 bytes) and it compiles, because it runs faster than the Triton-lowered forward;
+training (the forward with checkpoints, and the backward) stays on the Triton kernels. If it
+does not compile for a signature, the Triton forward runs instead, with a logged warning.
 
 One warpgroup (128 threads) per (128 channels, batch element), thread = channel: the N states are
 N ``(128,)`` arrays in the ``WG_STRIDED`` layout, so C.h is summed inside the thread. u, delta,
-z, B, C (and gaps) stream through shared memory in chunks of ``chunk`` steps
-(``plgpu.emit_pipeline``, TMA, ``concurrent`` chunks in flight); B_t and C_t are read as
+z, B, C (and gaps) stream through shared memory in chunks of ``GpuTuning.mosaic_chunk`` steps
+(``plgpu.emit_pipeline``, TMA, ``mosaic_concurrent`` chunks in flight); B_t and C_t are read as
 shared-memory scalars. The per-channel parameters (A log2 e, D, delta_bias: one (N + 2, D)
-block) are copied into a scoped shared-memory buffer once per CTA before the pipeline starts,
-not streamed with the rows: that cut shared memory per CTA from 53 to 35 KB, so 6 CTAs fit on
-an SM instead of 4 and the ViM-S grid is 0.97 waves instead of 1.45 (fp32 on an H100,
-softplus by its series in both: 0.154 -> 0.146-0.149 ms). ``reverse`` walks the chunks and the
-steps inside them backwards; the partial chunk is the last block either way, and TMA clips its
-out-of-range rows. exp2, log2 and division use the approximate PTX instructions
-(``approx_math``), as the Triton kernels do.
+block) are copied into a scoped shared-memory buffer once per CTA before the pipeline starts
+rather than streamed with the rows, which keeps the shared memory per CTA low enough for 6 CTAs
+per SM instead of 4 (35 instead of 53 KB at N = 16, fp32): the ViM-S grid then fits in one
+wave. ``reverse`` walks the chunks and the steps inside them backwards; the partial chunk is the
+last block either way, and TMA clips its out-of-range rows. exp2, log2 and division use the
+approximate PTX instructions (``approx_math``), as the Triton kernels do.
 
 Not testable on CPU: Pallas' discharge interpreter (``interpret=True``) does not run
 ``emit_pipeline`` or ``copy_gmem_to_smem``, and jax 0.11's thread-simulating GPU interpreter
 (``plgpu.InterpretGPUParams``) stops at the pipeline's predicated shared-to-global copy
-("predicate not supported", jax 0.11.2).
-CPU tests check that it lowers for CUDA; the GPU tests (``--run-gpu``) check its values.
+("predicate not supported", jax 0.11.2). CPU tests check that it lowers for CUDA; the GPU tests
+(``--run-gpu``) check its values.
 """
 from __future__ import annotations
 
@@ -38,8 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import (LOG2E, out_types, softplus_from_exp2,
-                                          softplus_series)
+from toppax.pallas_kernels.common import LOG2E, softplus_series
+from toppax.pallas_kernels.scan_call import ScanArgs, out_types, signature
 
 try:  # jax 0.11 registers Mosaic GPU's lowering only when this module is imported
   from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
@@ -62,14 +59,17 @@ def _load(ref, layout):
 
 
 LANES = 128
-# Steps per shared-memory chunk (None: 32 bytes of each channel, 8 fp32 or 16 bf16 steps) and
-# chunks in flight, measured on an H100 (docs/benchmarks.md), ViM-S: chunk 4 / 8 / 16 fp32
-# 0.176 / 0.167 / 0.194 ms, bf16 0.194 / 0.180 / 0.173 ms; after the parameter block moved to
-# its own buffer, fp32 default 0.146-0.149, chunk 4 0.156, chunk 16 0.155, 3 in flight 0.151.
-# At chunk 32 with 3 in flight the shared memory does not suffice. Division as a squared rsqrt
-# (one MUFU op; tried, then removed) measured no faster; softplus "series" 0.154 vs "goldberg"
-# 0.161.
-DEFAULT_TUNING = dict(mosaic_chunk=None, mosaic_concurrent=2, softplus="series")
+
+
+def _unpack(refs, has_z, has_gaps):
+  """(u, delta, z, B, C, gaps) from the front of refs, None where absent, and the refs after
+  them: the order in which ``forward`` passes the arrays and the pipeline its buffers."""
+  it = iter(refs)
+  u, delta = next(it), next(it)
+  z = next(it) if has_z else None
+  B, C = next(it), next(it)
+  gaps = next(it) if has_gaps else None
+  return (u, delta, z, B, C, gaps), list(it)
 
 
 def supports(args) -> bool:
@@ -78,17 +78,16 @@ def supports(args) -> bool:
   return dim % LANES == 0 and (n * jnp.dtype(args.B.dtype).itemsize) % 16 == 0
 
 
-def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
-  """y of the scan (no checkpoints) for the prepared ``common.ScanArgs``."""
+def forward(cfg, args):
+  """y of the scan (no checkpoints) for the prepared ``scan_call.ScanArgs``."""
   batch, length, dim = args.u.shape
   n = args.A.shape[1]
   if not supports(args):
     raise ValueError(f"the Mosaic GPU forward needs D a multiple of {LANES} and N x itemsize a "
                      f"multiple of 16 bytes, got D = {dim}, N = {n}, "
                      f"{jnp.dtype(args.B.dtype).name}; gpu_scan uses its Triton forward there")
-  chunk = chunk or cfg.tune("mosaic_chunk", DEFAULT_TUNING["mosaic_chunk"]) or (
-      32 // jnp.dtype(args.u.dtype).itemsize)
-  concurrent = concurrent or cfg.tune("mosaic_concurrent", DEFAULT_TUNING["mosaic_concurrent"])
+  chunk = cfg.tuning.mosaic_chunk or 32 // jnp.dtype(args.u.dtype).itemsize
+  concurrent = cfg.tuning.mosaic_concurrent
   # A log2(e) transposed, D and delta_bias in one (N + 2, D) array: one XLA fusion, one TMA copy.
   params = jnp.concatenate([(args.A.astype(jnp.float32) * LOG2E).T,
                             args.D.astype(jnp.float32)[None],
@@ -99,12 +98,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
   gap_rule, has_z = cfg.gap_delta, cfg.has_z
 
   def kernel(*refs):
-    it = iter(refs)
-    u_g, dl_g = next(it), next(it)
-    z_g = next(it) if has_z else None
-    b_g, c_g = next(it), next(it)
-    g_g = next(it) if gap_rule is not None else None
-    p_g, y_g = next(it), next(it)
+    (u_g, dl_g, z_g, b_g, c_g, g_g), (p_g, y_g) = _unpack(refs, has_z, gap_rule is not None)
     di, b = jax.lax.axis_index("d"), jax.lax.axis_index("b")
 
     cols = pl.ds(di * LANES, LANES)
@@ -120,19 +114,12 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
 
     *a2, d_skip, bias = pl.run_scoped(load_params, plgpu.SMEM((n + 2, LANES), jnp.float32),
                                       plgpu.Barrier(num_arrivals=1))
-    softplus = (softplus_series if cfg.tune("softplus", DEFAULT_TUNING["softplus"]) == "series" else
-                softplus_from_exp2)
     tilde = None
     if gap_rule == "bias":
-      tilde = softplus(bias) if cfg.delta_softplus else bias
+      tilde = softplus_series(bias) if cfg.delta_softplus else bias
 
     def body(idx, *smem):
-      it = iter(smem)
-      u_s, dl_s = next(it), next(it)
-      z_s = next(it) if has_z else None
-      b_s, c_s = next(it), next(it)
-      g_s = next(it) if gap_rule is not None else None
-      y_s, carry = next(it), next(it)
+      (u_s, dl_s, z_s, b_s, c_s, g_s), (y_s, carry) = _unpack(smem, has_z, gap_rule is not None)
       steps = jnp.minimum(chunk, length - block(idx[0]) * chunk)
 
       def step(s, carry):
@@ -140,7 +127,7 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
         t = steps - 1 - s if cfg.reverse else s
         uu = _load(u_s.at[t], lay).astype(jnp.float32)
         x = _load(dl_s.at[t], lay).astype(jnp.float32) + bias
-        dt = softplus(x) if cfg.delta_softplus else x
+        dt = softplus_series(x) if cfg.delta_softplus else x
         dec = dt
         if gap_rule is not None:
           g = g_s[block(idx[0]) * chunk + t]
@@ -183,17 +170,11 @@ def forward(cfg, args, *, chunk=None, concurrent=None, interpret=None):
   return plgpu.kernel(
       kernel, out_type=out_types([jax.ShapeDtypeStruct(args.u.shape, args.u.dtype)], args)[0],
       grid=(dim // LANES, batch), grid_names=("d", "b"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      **({} if interpret is None else dict(interpret=interpret)))(*xs, params)
-
-
-def _spec(x):
-  return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+      compiler_params=plgpu.CompilerParams(approx_math=True))(*xs, params)
 
 
 @functools.lru_cache(maxsize=256)
 def _compiles(cfg, specs):
-  from toppax.pallas_kernels.common import ScanArgs
   try:
     jax.jit(lambda a: forward(cfg, a)).lower(ScanArgs(*specs)).compile()
     return True
@@ -205,12 +186,12 @@ def _compiles(cfg, specs):
 
 def usable(cfg, args) -> bool:
   """Whether gpu_scan should run this inference forward: on an sm_90+ GPU, not in interpret
-  mode, not turned off (tuning ``fwd_backend="triton"``), shapes supported, and it compiles."""
-  if cfg.interpret or cfg.tune("fwd_backend", "mosaic") != "mosaic" or not supports(args):
+  mode, not turned off (``GpuTuning.fwd_backend="triton"``), shapes supported, and it compiles."""
+  if cfg.interpret or cfg.tuning.fwd_backend != "mosaic" or not supports(args):
     return False
   if not _sm90_or_newer():
     return False
-  return _compiles(cfg, tuple(_spec(x) for x in args))
+  return _compiles(cfg, signature(args))
 
 
 def _sm90_or_newer() -> bool:

@@ -1,4 +1,4 @@
-"""Selective scan for TPUs: Mosaic Pallas kernels, forward and backward (DESIGN §3).
+"""``"pallas_tpu"``: the selective scan for TPUs, Mosaic Pallas kernels forward and backward.
 
 Lanes are channels: D is padded to a multiple of the lane tile (128) and each program owns a
 (N, D_tile) fp32 state in VMEM scratch. The grid is (batch, D / D_tile, L / seq_tile); the
@@ -29,9 +29,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from toppax.pallas_kernels.common import ScanArgs, out_types, sigmoid, softplus
-
-DEFAULT_TUNING = dict(lane_tile=128, max_seq_tile=128)
+from toppax.pallas_kernels.common import sigmoid, softplus
+from toppax.pallas_kernels.scan_call import Kernels, ScanArgs, out_types
+from toppax.pallas_kernels.tuning import TpuTuning
 
 _SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
 _PARALLEL = getattr(pltpu, "PARALLEL", "parallel")
@@ -44,10 +44,10 @@ def _round_up(x, m):
 
 def _geometry(cfg, args):
   batch, length, dim = args.u.shape
-  lane = cfg.tune("lane_tile", DEFAULT_TUNING["lane_tile"])
+  lane = cfg.tuning.lane_tile
   # Packed dtypes tile 16 rows per vreg: slabs stay whole tiles.
   sub = 8 * max(1, 4 // min(jnp.dtype(x.dtype).itemsize for x in (args.u, args.delta)))
-  n_l = -(-length // cfg.tune("max_seq_tile", DEFAULT_TUNING["max_seq_tile"]))
+  n_l = -(-length // cfg.tuning.max_seq_tile)
   seq_tile = _round_up(-(-length // n_l), sub)
   return dict(batch=batch, length=length, dim=dim, lane=lane, sub=sub, seq_tile=seq_tile,
               n_l=n_l, l_pad=seq_tile * n_l, d_pad=_round_up(dim, lane), n=args.A.shape[1])
@@ -388,3 +388,6 @@ def backward(cfg, args, ckpt, dy):
       D=dD_p.sum((0, 1))[:D].astype(args.D.dtype), z=dz,
       delta_bias=dbias.astype(args.delta_bias.dtype),
       gaps=None if args.gaps is None else jnp.zeros_like(args.gaps))
+
+
+KERNELS = Kernels("pallas_tpu", forward, backward, TpuTuning)

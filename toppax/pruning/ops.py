@@ -1,7 +1,7 @@
 """Pruning under jit with static shapes: importance scores, top-k selection, gathers, gaps.
 
 Everything here is shape-static: the number of kept tokens is a Python int from the config,
-so XLA compiles one graph per input shape (DESIGN §4).
+so XLA compiles one graph per input shape (docs/pruning.md).
 """
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def importance(y_f, y_b, mode: str):
 def take(x, idx):
   """Gathers tokens: x (batch, L, ...) at idx (batch, K) -> (batch, K, ...)."""
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def scatter(buffer, positions, values):
+  """Writes tokens back to their places: ``buffer`` (batch, N, ...) with ``values`` (batch, K, ...)
+  at ``positions`` (batch, K); positions outside [0, N) (an EViT fused token) are dropped."""
+  batch, n = buffer.shape[:2]
+  pos = jnp.where((positions >= 0) & (positions < n), positions, n)
+  return buffer.at[jnp.arange(batch)[:, None], pos].set(values.astype(buffer.dtype), mode="drop")
 
 
 def select_keep_position(scores, cls_index, k: int):

@@ -2,7 +2,7 @@
 
 Parameter names follow the official state_dict (in_proj, conv1d, x_proj, dt_proj, A_log, D and
 the backward branch's *_b copies, out_proj) so that conversion is a table. The backward branch
-runs the conv and the scan in reverse order instead of flipping tensors (DESIGN §3).
+runs the conv and the scan in reverse order instead of flipping tensors (docs/kernels.md).
 """
 from __future__ import annotations
 

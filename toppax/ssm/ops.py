@@ -1,8 +1,13 @@
-"""The public selective-scan op: argument checks, implementation registry and dispatch.
+"""The public selective-scan op: argument checks, the implementation registry and dispatch.
 
 Semantics follow mamba-ssm's ``selective_scan_fn`` (delta_bias, then softplus; D skip;
-``y * silu(z)``), channels-last (DESIGN §3). Alignment (``gaps``) is masked decay
-accumulation: ``h_t = exp((Δ_t + g_t Δ̃_t) A) h_{t-1} + Δ_t B_t u_t``.
+``y * silu(z)``), channels-last. Alignment (``gaps``) is masked decay accumulation:
+``h_t = exp((Δ_t + g_t Δ̃_t) A) h_{t-1} + Δ_t B_t u_t`` (docs/design.md#the-selective-scan-op).
+
+Implementations: ``"reference"`` (``lax.scan``) and ``"xla"`` (``associative_scan``), both in
+``toppax.ssm.reference``; ``"pallas_gpu"`` and ``"pallas_tpu"``, whose kernels
+(``toppax.pallas_kernels``) are imported on first use. On its own platform a Pallas
+implementation runs ``"xla"`` instead, with a warning, when its kernels do not build for a call.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Callable, Protocol
 import jax
 import jax.numpy as jnp
 
+from toppax.pallas_kernels.common import softplus
 from toppax.ssm import reference
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,16 @@ def implementations() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
+def get_implementation(name: str) -> ScanImpl:
+  """The implementation registered as ``name``, loaded. Pallas ones also take ``tuning=`` (a
+  ``toppax.pallas_kernels.tuning`` dataclass or a dict of its fields) and
+  ``check_lowering=False`` (skip the build check and its fall back to "xla")."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown selective_scan implementation {name!r}; "
+                     f"choose one of {sorted(_REGISTRY)} or None")
+  return _REGISTRY[name]()
+
+
 def available_implementations(platform: str | None = None) -> dict[str, str]:
   """``{name: "ok" | reason}`` for the given (default: current) backend."""
   platform = platform or jax.default_backend()
@@ -67,10 +83,6 @@ def default_implementation(platform: str | None = None) -> str:
     except Exception as e:
       log.warning("selective_scan: %s unavailable (%s); using 'xla'", preferred, e)
   return "xla"
-
-
-def softplus(x):
-  return jnp.logaddexp(x, 0.0)
 
 
 def compute_dtype(*xs):
@@ -122,8 +134,40 @@ def _xla_impl(core, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, reve
   return y.astype(out_dtype)
 
 
+def _kernel_impl(kernels, platforms, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus,
+                 reverse, gaps, gap_delta, interpret, tuning=None, check_lowering=True):
+  """A Pallas implementation (``kernels``: a ``toppax.pallas_kernels.scan_call.Kernels``).
+  Outside interpret mode it checks, once per call signature, that the kernels run here and
+  build; where they do not, it warns and runs "xla", so the answer is right either way."""
+  arrays = (u, delta, A, B, C, D, z, delta_bias)
+  options = dict(delta_softplus=delta_softplus, reverse=reverse, gaps=gaps, gap_delta=gap_delta)
+  cfg, args = kernels.configure(*arrays, **options, interpret=interpret, tuning=tuning)
+  if not interpret and check_lowering:
+    platform = jax.default_backend()
+    if platform not in platforms:
+      why = f"does not run on {platform} without interpret=True"
+    else:
+      why = kernels.failure(cfg, args)
+    if why is not None:
+      log.warning("selective_scan: %s %s; falling back to 'xla'", kernels.name, why)
+      return get_implementation("xla")(*arrays, **options, interpret=False)
+  return kernels(cfg, args)
+
+
+def _load_pallas_gpu():
+  from toppax.pallas_kernels import gpu_scan   # imports Pallas' Triton and Mosaic GPU backends
+  return functools.partial(_kernel_impl, gpu_scan.KERNELS, _PLATFORMS["pallas_gpu"])
+
+
+def _load_pallas_tpu():
+  from toppax.pallas_kernels import tpu_scan   # imports Pallas' Mosaic TPU backend
+  return functools.partial(_kernel_impl, tpu_scan.KERNELS, _PLATFORMS["pallas_tpu"])
+
+
 register("reference", lambda: functools.partial(_xla_impl, reference.scan_reference))
 register("xla", lambda: functools.partial(_xla_impl, reference.scan_associative))
+register("pallas_gpu", _load_pallas_gpu, platforms=("gpu", "cuda"))
+register("pallas_tpu", _load_pallas_tpu, platforms=("tpu",))
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, gaps):
@@ -158,7 +202,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_
     reverse: scan from the last token to the first (ViM's backward branch), no flips.
     gaps: optional (batch, L) counts of pruned positions between each token and the previous
       kept one in scan order (before it when forward, after it when ``reverse``). The state decays
-      across them with no input (hidden-state alignment, DESIGN §3).
+      across them with no input (hidden-state alignment, docs/design.md#token-pruning).
     implementation: "reference" (lax.scan), "xla" (associative_scan), "pallas_gpu", "pallas_tpu",
       or None for the best available on the current backend.
     interpret: run Pallas kernels in interpret mode (CPU tests).
@@ -170,10 +214,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_
   _check(u, delta, A, B, C, D, z, delta_bias, gaps)
   if gap_delta not in GAP_DELTA_RULES:
     raise ValueError(f"gap_delta must be one of {GAP_DELTA_RULES}, got {gap_delta!r}")
-  name = default_implementation() if implementation is None else implementation
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown selective_scan implementation {name!r}; "
-                     f"choose one of {sorted(_REGISTRY)} or None")
-  impl = _REGISTRY[name]()
+  impl = get_implementation(default_implementation() if implementation is None else implementation)
   return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
               reverse=reverse, gaps=gaps, gap_delta=gap_delta, interpret=interpret)

@@ -4,7 +4,7 @@ portable ``associative_scan`` fallback.
 Both take already-prepared float inputs (``ops._xla_impl`` prepares them with
 ``effective_delta`` and ``gap_decay``): ``delta`` is the effective step (bias added, softplus
 applied), ``delta_gap`` the extra decay ``g_t * Δ̃_t`` accumulated over pruned positions
-(DESIGN §3), or ``None``. The state and every accumulation are in
+(docs/design.md#token-pruning), or ``None``. The state and every accumulation are in
 ``compute_dtype`` (float32, or float64 when the inputs are float64).
 """
 from __future__ import annotations
@@ -12,25 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def varying_axes(*xs) -> frozenset:
-  """The mesh axes any of xs varies over inside a ``shard_map`` with ``check_vma=True`` (empty
-  elsewhere, and for None entries)."""
-  axes = set()
-  for x in xs:
-    if x is None:
-      continue
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)   # jax >= 0.10; earlier: aval.vma
-    axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
-  return frozenset(axes)
-
-
-def vary(x, axes):
-  """x made to vary over ``axes`` as well (``lax.pcast``; its transpose sums the cotangent
-  over the axes added, as a replicated input's gradient needs)."""
-  missing = tuple(sorted(set(axes) - varying_axes(x)))
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
+from toppax.pallas_kernels.common import vary, varying_axes
 
 
 def scan_reference(u, delta, A, B, C, delta_gap=None, *, reverse=False):
@@ -90,13 +72,3 @@ def scan_associative(u, delta, A, B, C, delta_gap=None, *, reverse=False):
 
   _, h = jax.lax.associative_scan(combine, (a, b), axis=1, reverse=reverse)
   return jnp.einsum("bldn,bln->bld", h[:, :length], C, precision="highest")
-
-
-def masked_full_scan(u, delta, A, B, C, keep, gap_delta, *, reverse=False):
-  """The alignment oracle of DESIGN §3: a full-length scan in which pruned positions
-  (``keep == False``) get ``u = 0`` and ``Δ = gap_delta`` (already effective, per position),
-  read back by the caller at kept positions. Prepared inputs as above."""
-  keep = keep[..., None].astype(u.dtype)
-  u = u * keep
-  delta = delta * keep + gap_delta * (1 - keep)
-  return scan_reference(u, delta, A, B, C, reverse=reverse)

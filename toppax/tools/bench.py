@@ -13,36 +13,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-
-def time_call(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
-  """Median wall seconds of ``fn(*args)`` (results blocked on), after ``warmup`` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def versions() -> dict:
-  import flax
-  import jaxlib
-  import optax
-
-  import toppax
-  return {"toppax": toppax.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-          "flax": flax.__version__, "optax": optax.__version__,
-          "python": platform.python_version()}
+from toppax import augment, evaluate, factory, optim, sharding, train
+from toppax.timing import time_call, versions
 
 
 def _variant_config(config, dtype):
@@ -59,11 +39,8 @@ def _synthetic_batch(config, n, seed=0):
 
 
 def bench_inference(config, variant, batch_size, repeats, warmup) -> float:
-  from flax import nnx
-
-  from toppax import augment, train
-  pruning = train.prune_config(config, variant)
-  model = train.create_model(config, pruning=pruning)
+  pruning = factory.prune_config(config, variant)
+  model = factory.create_model(config, pruning=pruning)
   model.eval()
   graphdef, params, rngs = nnx.split(model, nnx.Param, ...)
   images = jnp.asarray(augment.normalize(
@@ -80,19 +57,18 @@ def bench_inference(config, variant, batch_size, repeats, warmup) -> float:
 
 def bench_train_step(config, variant, per_device_batch, num_devices, repeats, warmup):
   """(train-step img/s on ``num_devices``, seconds of the first step incl. compilation)."""
-  from toppax import sharding, train
   c = copy.deepcopy(config)
-  p = train.prune_config(c, variant)
+  p = factory.prune_config(c, variant)
   c.pruning.enabled = p is not None
   if p is not None:
     c.pruning.alignment, c.pruning.fused_token = p.alignment, p.fused_token
   mesh = sharding.make_mesh(num_devices)
   n = mesh.devices.size
   c.batch_size = per_device_batch * n
-  schedule = train.lr_schedule(c, 100, 1000)
-  tx = train.make_optimizer(c, schedule)
-  defs = train.model_defs(c)
-  state = train.init_state(c, defs, tx, mesh)
+  schedule = optim.lr_schedule(c, 100, 1000)
+  tx = optim.make_optimizer(c, schedule)
+  defs = factory.model_defs(c)
+  state = factory.init_state(c, defs, tx, mesh)
   step = train.make_train_step(c, defs, tx, schedule, mesh)
   batch = sharding.to_global(_synthetic_batch(c, c.batch_size), mesh)
   t0 = time.perf_counter()
@@ -112,7 +88,6 @@ def bench_train_step(config, variant, per_device_batch, num_devices, repeats, wa
 
 
 def run(config, workdir: str | None = None) -> dict:
-  from toppax import evaluate, train
   b = config.bench
   devices = jax.devices()
   result = {"model": config.model.name, "img_size": config.model.img_size,
@@ -124,7 +99,7 @@ def run(config, workdir: str | None = None) -> dict:
     for variant in b.variants:
       for bs in b.batch_sizes:
         ips, first_s = bench_inference(c, variant, bs, b.repeats, b.warmup)
-        gflops, _ = evaluate.model_gflops(c, train.prune_config(c, variant))
+        gflops, _ = evaluate.model_gflops(c, factory.prune_config(c, variant))
         row = {"variant": variant, "dtype": dtype, "batch_per_device": bs, "gflops": gflops,
                "infer_img_per_s": ips, "infer_ms_per_batch": 1e3 * bs / ips,
                "infer_first_call_s": first_s}

@@ -4,13 +4,10 @@ and bf16, against a device-to-device copy bandwidth measured in the same run.
 
   python -m toppax.tools.bench_scan --out /tmp/bench   # writes bench_scan.json / bench_scan.md
 
-Timing: one warm-up call compiles; then R repeats of n back-to-back calls closed by
-block_until_ready, median of the per-call times (n chosen so a repeat lasts >= 250 ms, at most
-2000 calls). A repeat carries a fixed cost of its own, about 1.4 ms on an H100 (likely the
-first call's dispatch and the final synchronisation): ViM-S fp32 forward+backward measured 0.987 ms
-per call in repeats of 20 calls, 0.926 ms in repeats of 200, and 0.920 ms of kernels per call
-in a profiler trace (thirteenth session, docs/benchmarks.md). Until that session repeats lasted
->= 20 ms (at most 200 calls), which put up to about 9% of that cost into each per-call time.
+Timing: one warm-up call compiles; then 7 repeats of n back-to-back calls closed by
+block_until_ready, median of the per-call times. n is chosen so that a repeat lasts at least
+250 ms (at most 2000 calls): a repeat carries a fixed cost of its own (the first call's dispatch
+and the closing synchronisation), which long repeats make negligible per call.
 "x floor" is time over the HBM floor: the fewest bytes the op must move (each input read once,
 each output written once, no saved states) at the measured copy rate.
 Accuracy: relative L2 error against the float64 "reference" run on the same device, forward and
@@ -18,15 +15,17 @@ every gradient, at a smaller batch.
 Breakdown (--breakdown): device time per call of each kernel of the timed implementation, from a
 jax.profiler trace (on a backend without device events, XLA's host thunks), so that where the
 time goes comes from this script too.
+Sweep (--sweep, pallas_gpu): times FWD_VARIANTS, then BWD_VARIANTS over the fastest forward, at
+ViM-S fp32, and runs the table with the fastest of each.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -35,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import toppax.pallas_kernels  # noqa: F401  registers pallas_gpu / pallas_tpu
+from toppax import timing
+from toppax.pallas_kernels.tuning import GpuTuning
 from toppax.ssm import ops
 
 SHAPES = {"ViM-T": 384, "ViM-S": 768, "ViM-B": 1536}
@@ -61,7 +61,7 @@ def inputs(key, batch, length, dim, n, dtype):
 
 
 def scan_fn(impl, **kw):
-  fn = ops._REGISTRY[impl]()
+  fn = ops.get_implementation(impl)
 
   def f(u, delta, A, B, C, D, z, delta_bias):
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, reverse=False, gaps=None,
@@ -179,16 +179,10 @@ def kernel_breakdown(f, *args, calls=20):
   return rows, source
 
 
-def versions():
-  out = {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or
-         __import__("jaxlib").__version__, "python": platform.python_version(),
-         "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
-  try:
-    import triton
-    out["triton"] = triton.__version__
-  except Exception:
-    pass
-  return out
+def environment():
+  """The library versions (``toppax.timing.versions``) and the device of a run."""
+  return dict(timing.versions(), device=jax.devices()[0].device_kind,
+              backend=jax.default_backend())
 
 
 def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
@@ -209,31 +203,12 @@ def sweep(dtype, dim, variants, batch=128, length=197, n=16, mode="fwd"):
   return rows
 
 
-# The sweeps that chose gpu_scan.DEFAULT_TUNING also tried, for the forward, 32 or 128 channels
-# per warp (one or four per thread), rows 1, 6 or 8 steps ahead, B/C 0 or 2 steps ahead, chunks
-# of 2 or 8 and Triton software pipelining (num_stages 2, 3); for the backward, two warps per
-# program, checkpoints every 2, 3, 6, 8, 16 or 32 steps, sub-chunks of 1, 2 or 4, register caps
-# 160-200, and (tenth session, H100) B/C rows as 4-state vectors without the restart below
-# (1.30 vs 1.12-1.14 ms: spills). Checkpoints every 8 steps under the cap were dropped unrun:
-# ptxas spends minutes on them, and tools.kernel_sass counts more instructions per step (532
-# and 632 vs 513) and 600 B of spills. The lists below keep the best few and the options a
-# new GPU or Triton may favour: dB/dC partials summed by a GEMV, sub-chunks restarted from
-# kept states (bwd_restart "kept": fewer instructions, same time on the H100), and that with
-# B/C as 4-state vectors (bc_load "tile": 1-2% slower on the H100), and the backward's rows
-# loaded where used (bwd_prefetch "none", the default until the thirteenth session; the other
-# variants take the default "rows"), and the dB/dC scale fused into the reduce-scatter's first
-# level (bwd_put "fma": 3% fewer instructions, 0.921 vs 0.896 ms on an H100, fourteenth session),
-# and (sixteenth session) checkpoints every 2 steps stored every other one (ckpt_stride 2: few
-# registers) under caps of 152-128 for 13-16 warps per SM: 0.949-1.122 vs 0.899 ms.
+# The default and its nearest alternatives; the other values and options tried measured slower
+# (docs/benchmarks.md) and are not kept.
 FWD_VARIANTS = [dict(block_d=64, num_warps=1, fwd_chunk=4, rows_ahead=r, bc_ahead=1)
                 for r in (2, 4)]
 BWD_VARIANTS = [dict(ckpt_every=k, bwd_chunk=c, bwd_maxnreg=r, bwd_num_warps=1)
                 for k, c, r in [(4, 2, 168), (4, 2, 160), (2, 2, 168), (4, 4, None)]]
-BWD_VARIANTS += [dict(BWD_VARIANTS[0], partial_sum="dot"),
-                 dict(BWD_VARIANTS[0], bwd_restart="kept"),
-                 dict(BWD_VARIANTS[0], bwd_restart="kept", bc_load="tile"),
-                 dict(BWD_VARIANTS[0], bwd_prefetch="none"),
-                 dict(BWD_VARIANTS[0], bwd_put="fma")]
 
 
 NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}   # the Pallas kernel each backend runs
@@ -243,8 +218,8 @@ def _check_args(parser, a):
   """Refuses what would give a wrong table: a Pallas kernel on a backend where it would fall
   back to xla (its rows would carry xla's times under the kernel's name), unknown names."""
   backend = jax.default_backend()
-  if a.impl not in ops._REGISTRY:
-    parser.error(f"--impl {a.impl!r}: unknown; choose from {sorted(ops._REGISTRY)}")
+  if a.impl not in ops.implementations():
+    parser.error(f"--impl {a.impl!r}: unknown; choose from {sorted(ops.implementations())}")
   if a.impl.startswith("pallas") and NATIVE.get(backend) != a.impl:
     parser.error(f"--impl {a.impl} does not run on {backend} (it would fall back to xla and be "
                  f"timed under its name); run on its hardware or pass --impl xla")
@@ -290,7 +265,7 @@ def main(argv=None):
     jax.block_until_ready(jax.jit(f)(*args))
     jax.block_until_ready(jax.jit(fwd_bwd(f))(args, jnp.ones(x["u"].shape, dtype)))
     return
-  info = versions()
+  info = environment()
   print(json.dumps(info), flush=True)
   bw = copy_bandwidth(a.copy_mib)
   print(f"device-to-device copy: {bw / 1e9:.0f} GB/s", flush=True)
@@ -300,13 +275,12 @@ def main(argv=None):
 
   tuning = None
   if a.sweep and a.impl == "pallas_gpu":
-    from toppax.pallas_kernels import gpu_scan
     fw = sweep(jnp.float32, SHAPES["ViM-S"], FWD_VARIANTS)
     best_f = min((r for r in fw if r["ms"] == r["ms"]), key=lambda r: r["ms"])["tuning"]
     bw_rows = sweep(jnp.float32, SHAPES["ViM-S"], [{**best_f, **v} for v in BWD_VARIANTS],
                     mode="fwd+bwd")
     best_b = min((r for r in bw_rows if r["ms"] == r["ms"]), key=lambda r: r["ms"])["tuning"]
-    tuning = {**gpu_scan.DEFAULT_TUNING, **best_f, **best_b}
+    tuning = dataclasses.asdict(GpuTuning(**{**best_f, **best_b}))
     result["sweep"] = dict(fwd=fw, fwd_bwd=bw_rows, chosen=tuning)
     print("chosen tuning:", tuning, flush=True)
   kw = {} if tuning is None else dict(tuning=tuning)

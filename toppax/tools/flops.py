@@ -268,10 +268,13 @@ def block_table(name: str, img_size=224, pruning=None, **overrides) -> list[dict
   """
   key, spec = _spec(name, overrides)
   h, w = _hw(img_size)
-  smallest = spec["patch_size"] if key in VIM_ARCHS else 1
-  if min(h, w) < smallest:
-    raise ValueError(f"img_size {img_size} gives no patch tokens for {key}; use an image size "
-                     f"of at least {smallest}" + (" (its patch size)" if smallest > 1 else ""))
+  p = spec["patch_size"]
+  for side in sorted({h, w}):
+    if side < p or side % p:
+      lo = max(p, side // p * p)
+      raise ValueError(f"img_size {img_size} is not a multiple of {key}'s patch_size {p} (the "
+                       "model refuses such images, so their FLOPs are not counted): use "
+                       f"{lo} or {lo + p}")
   if key in VIM_ARCHS:
     return _vim_rows(spec, img_size, pruning)
   return _pm_rows(spec, img_size, pruning)

@@ -1,7 +1,7 @@
 """Static instruction counts of the Triton-lowered scan kernels, without a GPU.
 
-  python -m toppax.tools.kernel_sass                      # ViM-S, fp32, gpu_scan.DEFAULT_TUNING
-  python -m toppax.tools.kernel_sass --tuning '{"bc_load": "tile"}' --sweep --out /tmp/sass
+  python -m toppax.tools.kernel_sass                      # ViM-S, fp32, the default GpuTuning
+  python -m toppax.tools.kernel_sass --tuning '{"ckpt_every": 2}' --sweep --out /tmp/sass
 
 Exports the ``pallas_gpu`` forward+backward for CUDA (as the CPU tests do), takes the Triton IR
 that Pallas hands to XLA for each kernel (the training forward and the backward), compiles it
@@ -11,35 +11,34 @@ SASS instructions of the kernel and of its main loop (the largest backward branc
 scan step (the loop walks ``ckpt_every`` steps), spill instructions (LDL/STL) and the most
 frequent opcodes. ``--sweep`` does this for ``bench_scan.BWD_VARIANTS``.
 
-Use it to compare variants with each other before a GPU is at hand: the kernels are issue-bound
-(docs/benchmarks.md), so fewer instructions per step is the first-order effect, but occupancy,
-latency and spills' memory traffic are not modelled, and timings come only from
-``bench_scan`` on a GPU (on an H100, variants with 4% and 10% fewer backward instructions
-were no faster: docs/benchmarks.md, tenth session). On jaxlib 0.10-0.11 XLA compiles these
-kernels with its own Triton build and with floating-point contraction off; this tool compiles
-with Triton's ``enable_fp_fusion`` off too, and then gives the backward exactly the 3544 SASS
-instructions that Nsight Compute saw XLA's build run on an H100 (the forward: 1912 here, 1848
-there); with fusion on it counted 2840, which is how the missing FFMAs were found
-(``gpu_scan._FastMath.fma``). Needs ``pip install triton`` (CPU wheels carry the compiler and
-ptxas; no GPU or CUDA toolkit).
+Use it to compare variants with each other before a GPU is at hand, and to check that a change
+to the kernels' code leaves their SASS as it was. It does not predict time: occupancy, latency
+and the spills' memory traffic are not modelled, and variants with fewer instructions have
+measured no faster (docs/benchmarks.md); timings come only from ``bench_scan`` on a GPU. XLA
+compiles these kernels with its own Triton build and with floating-point contraction off; this
+tool compiles with Triton's ``enable_fp_fusion`` off too, so that its counts match what runs
+(the FFMAs come from the kernels' explicit ``fma.rn``, ``ptx.FastMath.fma``). Needs
+``pip install triton`` (CPU wheels carry the compiler and ptxas; no GPU or CUDA toolkit).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import datetime
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import jax
 from jax import export
 import jax.numpy as jnp
 
-import toppax.pallas_kernels  # noqa: F401  registers pallas_gpu
-from toppax.pallas_kernels import gpu_scan
+from toppax.pallas_kernels import register_cap
+from toppax.pallas_kernels.tuning import GpuTuning
 from toppax.ssm import ops
 
 SHAPES = {"ViM-T": 384, "ViM-S": 768, "ViM-B": 1536}
@@ -61,7 +60,7 @@ def _triton():
 def _captured_triton_ir():
   """Collects {kernel name: Triton IR text} of the Pallas kernels lowered inside the block."""
   from jax._src.pallas.triton import lowering
-  gpu_scan._RegisterCap.install()      # the cap wrapper first, so it stays underneath
+  register_cap.install()               # the cap wrapper first, so it stays underneath
   original = lowering.lower_jaxpr_to_triton_module
   modules = {}
 
@@ -90,7 +89,7 @@ def gpu_target():
 
 def triton_ir(tuning, dim=768, batch=128, length=197, n=16, dtype=jnp.float32, with_z=True):
   """Triton IR of the training forward and the backward at one scan shape (ViM's options)."""
-  fn = ops._REGISTRY["pallas_gpu"]()
+  fn = ops.get_implementation("pallas_gpu")
 
   def grad(u, delta, A, B, C, D, z, bias):
     def loss(*a):
@@ -133,9 +132,8 @@ def count(name, ir, num_warps, steps_per_iteration, arch=90, workdir=None):
     path = os.path.join(tmp, f"{name}.ttir")
     with open(path, "w") as f:
       f.write(ir)
-    # FP fusion off, as XLA compiles these kernels: with it off the backward of commit 9c3180b
-    # compiled to the 3544 SASS instructions Nsight Compute listed for XLA's build on an H100
-    # (no FFMA); the FFMAs now come from the kernels' explicit fma.rn (gpu_scan._FastMath.fma).
+    # FP fusion off, as XLA compiles these kernels: with it off, this compile of the backward
+    # has the SASS instruction count that Nsight Compute lists for XLA's build on an H100.
     kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=num_warps, num_stages=1,
                                          enable_fp_fusion=False))
@@ -155,15 +153,14 @@ def count(name, ir, num_warps, steps_per_iteration, arch=90, workdir=None):
 
 
 def analyse(tuning=None, shape="ViM-S", batch=128, dtype="float32", arch=90, states=16):
-  full = dict(gpu_scan.DEFAULT_TUNING, **(tuning or {}))
+  """``count`` of both kernels at one ViM scan shape; ``tuning``: a dict of GpuTuning fields."""
+  full = GpuTuning.of(tuning, "pallas_gpu")
   dim = SHAPES[shape]
   modules = triton_ir(full, dim=dim, batch=batch, n=states, dtype=jnp.dtype(dtype))
   rows = []
   for name, ir in sorted(modules.items()):
-    backward = "bwd" in name
-    warps = full["bwd_num_warps"] if backward else full["num_warps"]
-    rows.append(dict(count(name, ir, warps, full["ckpt_every"], arch=arch),
-                     tuning=tuning or {}))
+    warps = full.bwd_num_warps if "bwd" in name else full.num_warps
+    rows.append(dict(count(name, ir, warps, full.ckpt_every, arch=arch), tuning=tuning or {}))
   return rows
 
 
@@ -178,9 +175,19 @@ def markdown(rows):
   return "\n".join(out) + "\n"
 
 
+def _commit():
+  """The git commit of the checkout this module runs from, or None outside one."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip() or None
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--tuning", default="{}", help="JSON dict over gpu_scan.DEFAULT_TUNING")
+  p.add_argument("--tuning", default="{}", help="JSON object of GpuTuning fields")
   p.add_argument("--sweep", action="store_true", help="also every bench_scan.BWD_VARIANTS entry")
   p.add_argument("--shape", default="ViM-S", choices=sorted(SHAPES))
   p.add_argument("--batch", type=int, default=128)
@@ -192,12 +199,13 @@ def main(argv=None):
   try:
     tuning = json.loads(a.tuning)
   except json.JSONDecodeError as e:
-    p.error(f"--tuning is not JSON ({e}); e.g. --tuning '{{\"bc_load\": \"tile\"}}'")
+    p.error(f"--tuning is not JSON ({e}); e.g. --tuning '{{\"ckpt_every\": 2}}'")
   if not isinstance(tuning, dict):
-    p.error("--tuning must be a JSON object of gpu_scan.DEFAULT_TUNING keys")
-  unknown = sorted(set(tuning) - set(gpu_scan.DEFAULT_TUNING))
-  if unknown:
-    p.error(f"--tuning: unknown keys {unknown}; known: {sorted(gpu_scan.DEFAULT_TUNING)}")
+    p.error("--tuning must be a JSON object of GpuTuning fields")
+  try:
+    GpuTuning.of(tuning, "pallas_gpu")
+  except ValueError as e:
+    p.error(f"--tuning: {e}")
   if a.states < 1 or a.batch < 1:
     p.error("--states and --batch must be positive")
   _triton()
@@ -216,14 +224,18 @@ def main(argv=None):
   table = markdown(rows)
   print(table)
   if a.out:
+    run = dict(date=datetime.date.today().isoformat(), commit=_commit(), jax=jax.__version__,
+               triton=_triton()[0].__version__,
+               command="python -m toppax.tools.kernel_sass " + " ".join(
+                   sys.argv[1:] if argv is None else argv))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernel_sass.json"), "w") as f:
       json.dump(dict(shape=a.shape, batch=a.batch, states=a.states, dtype=a.dtype, arch=a.arch,
-                     jax=jax.__version__, triton=_triton()[0].__version__, rows=rows), f,
-                indent=1)
+                     **run, rows=rows), f, indent=1)
     with open(os.path.join(a.out, "kernel_sass.md"), "w") as f:
       f.write(f"# Static SASS counts ({a.shape}, batch {a.batch}, {a.dtype}, sm_{a.arch})\n\n"
-              + table)
+              f"{run['date']}, commit `{run['commit']}`, jax {run['jax']}, triton "
+              f"{run['triton']}: `{run['command']}`\n\n" + table)
     print(f"wrote {a.out}/kernel_sass.json and kernel_sass.md")
 
 
