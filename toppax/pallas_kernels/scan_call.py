@@ -1,0 +1,147 @@
+"""The selective scan on a pair of Pallas kernel launchers: the static configuration of a call,
+its prepared arguments, the ``custom_vjp`` that ties the forward and backward kernels together,
+and a check that the kernels build for a call's signature.
+
+A kernel module (``gpu_scan``, ``tpu_scan``) provides ``forward(cfg, args, save) -> (y,
+checkpoints)`` and ``backward(cfg, args, checkpoints, dy) -> ScanArgs`` of cotangents, over the
+prepared ``ScanArgs`` (optional ``D`` and ``delta_bias`` replaced by zeros, ``gaps`` as float32
+or None), and exposes them as ``KERNELS``, a ``Kernels``. ``toppax.ssm.ops`` calls it, and runs
+its XLA implementation instead where ``Kernels.failure`` reports that the kernels do not build.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from toppax.pallas_kernels.common import vary, varying_axes
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+  """Everything static about one scan call; hashable, so it keys jit caches and custom_vjp."""
+  delta_softplus: bool
+  reverse: bool
+  gap_delta: str | None        # None when no gaps are given
+  has_z: bool
+  interpret: bool
+  tuning: Any                  # the kernels' tuning.GpuTuning or tuning.TpuTuning
+
+
+class ScanArgs(NamedTuple):
+  u: Any
+  delta: Any
+  A: Any
+  B: Any
+  C: Any
+  D: Any
+  z: Any
+  delta_bias: Any
+  gaps: Any
+
+
+def prepare(u, delta, A, B, C, D, z, delta_bias, gaps):
+  dim = u.shape[-1]
+  D = jnp.zeros((dim,), jnp.float32) if D is None else D
+  delta_bias = jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias
+  # Gap counts are data, not parameters: they are cast once and get zero cotangents.
+  gaps = None if gaps is None else jax.lax.stop_gradient(gaps.astype(jnp.float32))
+  return ScanArgs(u, delta, A, B, C, D, z, delta_bias, gaps)
+
+
+def varying_like(args):
+  """Inside a ``shard_map`` with ``check_vma=True``: every argument made to vary over every mesh
+  axis any of them varies over, so that the kernels' outputs (and the custom_vjp's cotangents)
+  have one type; a replicated input's cotangent is summed over the axes by ``pcast``'s transpose.
+  Elsewhere the arguments are returned as they are."""
+  axes = varying_axes(*args)
+  if not axes:
+    return args
+  return ScanArgs(*(None if x is None else vary(x, axes) for x in args))
+
+
+def out_types(structs, args):
+  """The types of a kernel's outputs: ``structs`` varying over the mesh axes of ``args``
+  (aligned by ``varying_like``), which ``pallas_call`` needs under ``check_vma=True``."""
+  axes = varying_axes(*args)
+  if not axes:
+    return structs
+  mat = jax.sharding.ManualAxisType(varying=axes)
+  return [jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat) for s in structs]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan(kernels, cfg, args):
+  y, _ = kernels.forward(cfg, args, save=False)
+  return y
+
+
+def _scan_fwd(kernels, cfg, args):
+  y, ckpt = kernels.forward(cfg, args, save=True)
+  return y, (args, ckpt)
+
+
+def _scan_bwd(kernels, cfg, res, dy):
+  args, ckpt = res
+  return (kernels.backward(cfg, args, ckpt, dy),)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def signature(args):
+  """The static signature of a call's arrays: their ShapeDtypeStructs (None stays None)."""
+  return tuple(None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args)
+
+
+@functools.lru_cache(maxsize=256)
+def _failure(kernels, cfg, specs):
+  """None if the kernels build for this static signature, else the error (checked once each).
+
+  The inference forward is lowered and compiled; the training forward and the backward are
+  lowered only: their Pallas -> Triton/Mosaic lowering is where kernels fail in practice, and
+  compiling them standalone as well would compile each kernel twice at a model's start-up (it
+  is compiled again inside the model). A failure that only shows at the model's own compile is
+  an error there, never a wrong answer.
+  """
+  forward, backward = kernels.forward, kernels.backward
+  try:
+    args = ScanArgs(*specs)
+    jax.jit(lambda a: forward(cfg, a, save=False)).lower(args).compile()
+    jax.jit(lambda a: forward(cfg, a, save=True)).lower(args)
+    y, ckpt = jax.eval_shape(lambda a: forward(cfg, a, save=True), args)
+    jax.jit(lambda a, c, g: backward(cfg, a, c, g)).lower(args, ckpt, y)
+    return None
+  except Exception as e:  # any lowering/compile failure must degrade to XLA, never a wrong answer
+    return f"failed to lower or compile for {specs[0]} ({type(e).__name__}: {e})"
+
+
+class Kernels:
+  """One Pallas implementation of the op: a kernel module's launchers and tuning type."""
+
+  def __init__(self, name: str, forward: Callable, backward: Callable, tuning_type: type):
+    self.name = name
+    self.forward = forward
+    self.backward = backward
+    self.tuning_type = tuning_type
+
+  def configure(self, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, reverse, gaps,
+                gap_delta, interpret, tuning=None):
+    """(ScanConfig, ScanArgs) of one call; ``tuning``: None (the defaults), an instance of the
+    tuning type, or a dict of some of its fields."""
+    cfg = ScanConfig(delta_softplus=bool(delta_softplus), reverse=bool(reverse),
+                     gap_delta=None if gaps is None else gap_delta, has_z=z is not None,
+                     interpret=bool(interpret),
+                     tuning=self.tuning_type.of(tuning, self.name))
+    return cfg, prepare(u, delta, A, B, C, D, z, delta_bias, gaps)
+
+  def __call__(self, cfg, args):
+    """y of the scan (differentiable: the backward kernel gives the gradients)."""
+    return _scan(self, cfg, varying_like(args))
+
+  def failure(self, cfg, args) -> str | None:
+    """None if the kernels lower and compile for this call's signature, else why not."""
+    return _failure(self, cfg, signature(args))
