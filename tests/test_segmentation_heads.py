@@ -15,7 +15,7 @@ from flax import nnx
 
 from tests.golden_utils import load_seg_golden
 from toppax.convert.common import KeyTable, get_by_path
-from toppax.convert.segmentation import convert_heads, convert_neck
+from toppax.convert.segmentation import convert_heads, convert_neck, official_rope_tables
 from toppax.segmentation import layers
 from toppax.segmentation.heads import FCNHead, UPerHead
 from toppax.segmentation.neck import ViMNeck
@@ -145,3 +145,12 @@ def test_batchnorm_training_needs_more_than_one_value():
   bn.train()
   with pytest.raises(ValueError, match="more than one value per channel"):
     bn(jnp.ones((1, 1, 1, 3)))
+
+
+def test_official_rope_tables_match_the_checkpoint_buffers():
+  """ViM-S's rope.freqs_cos / freqs_sin (VisionRotaryEmbeddingFast, stored in its checkpoints)
+  against the formula the conversion checks them with."""
+  sd, _, kw = load_seg_golden(GOLDENS / "seg_vim_s_reduced.npz")
+  cos, sin = official_rope_tables(kw["embed_dim"], kw["img_size"] // 16)
+  _close(cos, sd["backbone.rope.freqs_cos"], "freqs_cos", rel=1e-6)
+  _close(sin, sd["backbone.rope.freqs_sin"], "freqs_sin", rel=1e-6)

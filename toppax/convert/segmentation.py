@@ -72,25 +72,41 @@ def convert_neck(neck, table: KeyTable, prefix: str = "backbone."):
     deconv("fpn1_deconv", "fpn1.0")
 
 
+def official_rope_tables(embed_dim: int, grid: int, pt_seq_len: int = 14):
+  """``(freqs_cos, freqs_sin)``, each (grid * grid, embed_dim) float32: the buffers of Vim's
+  ``VisionRotaryEmbeddingFast(dim=embed_dim // 2, pt_seq_len=14, ft_seq_len=grid)``. Per token
+  (row-major), the first half of the channels rotates with the row, the second half with the
+  column; channel pairs (2k, 2k + 1) share one frequency, 10000 ** (-4k / embed_dim)."""
+  d = embed_dim // 2
+  freqs = 1.0 / 10000.0 ** (np.arange(0, d, 2)[:d // 2].astype(np.float32) / np.float32(d))
+  t = np.arange(grid, dtype=np.float32) / np.float32(grid) * np.float32(pt_seq_len)
+  f = np.repeat(np.outer(t, freqs), 2, axis=-1)                       # (grid, d)
+  rows = np.broadcast_to(f[:, None, :], (grid, grid, d))
+  cols = np.broadcast_to(f[None, :, :], (grid, grid, d))
+  table = np.concatenate([rows, cols], axis=-1).reshape(grid * grid, 2 * d).astype(np.float32)
+  return np.cos(table), np.sin(table)
+
+
 def _check_rope(model, table: KeyTable, prefix: str):
   """ViM-S's RoPE tables are buffers of the official state dict, fixed by the architecture:
-  consumed and checked against the backbone's own."""
-  backbone = model.backbone
-  rope = getattr(backbone, "rope", None)
-  for name in ("freqs_cos", "freqs_sin"):
-    key = f"{prefix}rope.{name}"
-    if key not in table.sd:
-      continue
-    value = table.get(key)
-    if rope is None:
-      table.mark_misshaped(key, "the model has no RoPE (create it with rope=True, as the "
-                                "official upernet_vim_s config)")
-      continue
-    mine = np.asarray(getattr(rope, name)[...] if hasattr(getattr(rope, name), "__getitem__")
-                      else getattr(rope, name))
-    if mine.shape != value.shape or not np.allclose(mine, value, atol=1e-5):
-      table.mark_misshaped(key, f"checkpoint {value.shape} differs from the RoPE table the "
-                                f"model computes {mine.shape} (check img_size / patch_size)")
+  consumed and checked against the official formula for the model's grid."""
+  keys = [f"{prefix}rope.freqs_cos", f"{prefix}rope.freqs_sin"]
+  present = [k for k in keys if k in table.sd]
+  if not present:
+    return
+  cfg = model.backbone.cfg
+  if not getattr(cfg, "rope", False):
+    for k in present:
+      table.mark_misshaped(k, "the model has no RoPE (create it with rope=True, as the official "
+                              "upernet_vim_s config)")
+    return
+  want = dict(zip(keys, official_rope_tables(cfg.embed_dim, cfg.img_size // cfg.patch_size)))
+  for k in present:
+    value = table.get(k)
+    if value.shape != want[k].shape or not np.allclose(value, want[k], atol=1e-5):
+      table.mark_misshaped(k, f"checkpoint {value.shape} is not the RoPE table of a "
+                              f"{cfg.img_size // cfg.patch_size}-token grid side "
+                              f"(check img_size / patch_size)")
 
 
 def convert_into(model, table: KeyTable):
