@@ -17,7 +17,7 @@ from flax import nnx
 
 from tests.golden_utils import load_seg_golden, subsample
 from toppax import segmentation
-from toppax.convert.common import ConversionError
+from toppax.convert.common import ConversionError, torch_bicubic_resize
 from toppax.convert.segmentation import from_classification, from_torch
 from toppax.pruning import PruneConfig
 
@@ -145,6 +145,20 @@ def test_conversion_names_every_bad_key_at_once_and_accepts_wrappers():
   classification = {"head.weight": np.zeros((3, 32), np.float32), "cls_token": np.zeros(3)}
   with pytest.raises(ConversionError, match="from_classification"):
     from_torch(model_name, classification, **kw)
+
+
+def test_conversion_resamples_position_embeddings_to_the_model_grid():
+  """A ViM checkpoint's (1, 16, D) table on a 6 x 6 model (img_size 96): bicubic as torch."""
+  sd, _, model_name, kw = _golden("seg_vim_reduced")
+  model = from_torch(model_name, sd, **dict(kw, img_size=96))
+  pe = sd["backbone.pos_embed"]
+  want = torch_bicubic_resize(pe[0].reshape(4, 4, -1), 6, 6).reshape(1, 36, -1)
+  np.testing.assert_allclose(np.asarray(model.backbone.pos_embed[...]), want, atol=1e-6)
+  # PlainMamba keeps its table at img_size's grid; a list override is accepted.
+  sd, _, model_name, kw = _golden("seg_plainmamba_reduced")
+  model = from_torch(model_name, sd, **dict(kw, layers_with_dwconv=[0]))
+  np.testing.assert_array_equal(np.asarray(model.backbone.pos_embed[...]),
+                                sd["backbone.pos_embed"])
 
 
 def _vim_classification_state_dict(sd, grid):

@@ -55,7 +55,8 @@ def config_for(name: str, *, num_classes: int = 150, img_size=None, **overrides)
   head = {k: overrides.pop(k) for k in HEAD_KEYS if k in overrides}
   if "dtype" in overrides:
     head["dtype"] = backbone["dtype"] = overrides.pop("dtype")
-  backbone.update(overrides)
+  # Lists become tuples: the config is static (hashed) under jit.
+  backbone.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
   default_size = spec.pop("img_size")
   cfg = SegConfig(name=name, img_size=default_size if img_size is None else img_size,
                   num_classes=int(num_classes), backbone=tuple(sorted(backbone.items())),
