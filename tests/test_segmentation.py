@@ -88,11 +88,10 @@ def test_slide_inference_matches_official():
       (16, 80, 0, 64), (16, 80, 40, 104), (16, 80, 48, 112)]
   with jax.default_matmul_precision("highest"):
     slide = segmentation.slide_inference(model, images, stride=40)
-    rescaled = segmentation.slide_inference(model, images, stride=40, crop_batch=4,
+    rescaled = segmentation.slide_inference(model, images, stride=40, crop_batch=2,
                                             out_size=arrays["slide_logits"].shape[1:3])
   _close(slide, arrays["slide_logits_norescale"], "slide logits")
   _close(rescaled, arrays["slide_logits"], "slide logits resized to the original size")
-  _check_outputs(model, arrays["images"][:, :64, :64], arrays)  # the first window alone
 
 
 def test_whole_inference_resizes_to_the_original_size():
