@@ -154,3 +154,47 @@ def test_official_rope_tables_match_the_checkpoint_buffers():
   cos, sin = official_rope_tables(kw["embed_dim"], kw["img_size"] // 16)
   _close(cos, sd["backbone.rope.freqs_cos"], "freqs_cos", rel=1e-6)
   _close(sin, sd["backbone.rope.freqs_sin"], "freqs_sin", rel=1e-6)
+
+
+SYNC_BN_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+from toppax.segmentation.layers import BatchNorm
+
+x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3, 5, 6)) * 2 + 1, jnp.float32)
+
+def step(axis_name, x):
+  bn = BatchNorm(6, axis_name=axis_name, rngs=nnx.Rngs(0))
+  bn.train()
+  graphdef, state = nnx.split(bn)
+  def f(state, x):
+    m = nnx.merge(graphdef, state)
+    y = m(x)
+    return y, nnx.state(m)
+  if axis_name is None:
+    return f(state, x)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  return jax.shard_map(f, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P()),
+                       check_vma=False)(state, x)
+
+y1, s1 = step(None, x)
+y2, s2 = step("data", x)
+print("RESULT " + json.dumps({
+    "devices": jax.device_count(),
+    "y": float(jnp.abs(y1 - y2).max()),
+    "mean": float(jnp.abs(s1["mean"][...] - s2["mean"][...]).max()),
+    "var": float(jnp.abs(s1["var"][...] - s2["var"][...]).max()),
+    "var_moved": float(jnp.abs(s1["var"][...] - 1).max())}))
+"""
+
+
+def test_sync_batchnorm_over_a_data_axis_equals_one_device():
+  """SyncBN (bn_axis_name): statistics averaged over a shard_map data axis give the one-device
+  batch statistics and running-statistics update (unbiased count over all shards)."""
+  from tests.test_sharding import _result, _run_on_host_devices
+  out = _result(_run_on_host_devices(SYNC_BN_SCRIPT, 2))
+  assert out["devices"] == 2
+  assert out["y"] < 1e-5 and out["mean"] < 1e-6 and out["var"] < 1e-6, out
+  assert out["var_moved"] > 0.1  # the step did update the running variance
