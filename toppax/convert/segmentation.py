@@ -100,13 +100,13 @@ def _check_rope(model, table: KeyTable, prefix: str):
       table.mark_misshaped(k, "the model has no RoPE (create it with rope=True, as the official "
                               "upernet_vim_s config)")
     return
-  want = dict(zip(keys, official_rope_tables(cfg.embed_dim, cfg.img_size // cfg.patch_size)))
+  g = cfg.img_size // cfg.patch_size
+  want = dict(zip(keys, official_rope_tables(cfg.embed_dim, g)))
   for k in present:
     value = table.get(k)
     if value.shape != want[k].shape or not np.allclose(value, want[k], atol=1e-5):
-      table.mark_misshaped(k, f"checkpoint {value.shape} is not the RoPE table of a "
-                              f"{cfg.img_size // cfg.patch_size}-token grid side "
-                              f"(check img_size / patch_size)")
+      table.mark_misshaped(k, f"checkpoint {value.shape} is not the RoPE table of the model's "
+                              f"{g}x{g} token grid (check img_size / patch_size / embed_dim)")
 
 
 def convert_into(model, table: KeyTable):

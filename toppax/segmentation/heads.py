@@ -5,7 +5,6 @@ top-down path, fused 3x3 bottleneck) and the auxiliary FCNHead, both ending in B
 ``convs``, ``conv_seg``) so the checkpoint mapping reads one to one."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
