@@ -144,6 +144,12 @@ def base_config():
   c.keep_checkpoints = 3
   c.compare = ()                  # after training: evaluate these variants side by side
   c.max_steps_per_run = 0         # >0: stop after this many steps in this process (tests)
+  # A damaged latest checkpoint: False stops with CheckpointError; True moves it aside (to
+  # checkpoints/damaged-<step>) and resumes from the one before.
+  c.resume_fallback = False
+  # A step with a non-finite loss or gradient: False stops (nothing non-finite is ever saved);
+  # True drops that step's update and goes on, counted as train/skipped_steps.
+  c.skip_nonfinite = False
 
   c.bench = ml_collections.ConfigDict()
   c.bench.batch_sizes = (128, 256)

@@ -161,18 +161,31 @@ def _fail(message: str):
 
 
 def _flag_error_message(error: BaseException) -> str:
-  """The message of a flag-parsing error, without the quoting that KeyError adds: a config
-  field typo (``--config.lrr=1``) is raised by ml_collections as a KeyError."""
-  for e in (error.__cause__, error.__context__, error):
-    if isinstance(e, (KeyError, AttributeError)) and e.args and isinstance(e.args[0], str):
-      return e.args[0]
-  return str(error)
+  """The message of a flag-parsing error as one line. A ``--config.*`` field that does not exist
+  comes from ml_collections as a KeyError (wrapped in an AttributeError) whose text is the
+  quoted field name and a "Did you mean" line."""
+  e = error
+  while isinstance(e, (KeyError, AttributeError)) and e.args and isinstance(e.args[0],
+                                                                             BaseException):
+    e = e.args[0]
+  for cause in (e, e.__cause__, e.__context__):
+    if isinstance(cause, (KeyError, AttributeError)) and cause.args and isinstance(
+        cause.args[0], str):
+      name, _, hint = cause.args[0].partition("\n")
+      return f"unknown config field {name}" + (f": {hint.strip()}" if hint.strip() else "")
+  text = str(error)
+  if "Traceback (most recent call last)" in text:
+    # get_config() raised: ml_collections embeds the whole traceback; its last line is the error.
+    flag = text.split(":", 1)[0]
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    return f"{flag}: {last.split(': ', 1)[-1]}"
+  return " ".join(text.split())
 
 
 def _parse(argv):
   try:
     return FLAGS(argv)
-  except flags.Error as e:
+  except (flags.Error, KeyError, AttributeError) as e:
     _fail(f"{_flag_error_message(e)} (--helpshort lists the flags)")
 
 

@@ -133,11 +133,13 @@ def make_train_step(config, defs: factory.ModelDefs, tx, schedule, mesh, loss_of
 # --- the non-finite guard ------------------------------------------------------------------------
 
 
-def check_finite(records, first_step: int, ckpt=None, config=None) -> None:
+def check_finite(records, first_step: int, ckpt=None, config=None, resumed_from=None) -> None:
   """Raises NonFiniteError at the first step among ``records`` (the metrics of steps
   ``first_step + 1 ...``) whose loss or gradient norm was not finite, naming it, the last
   checkpoint on disk (nothing after it was saved) and the fix. Skipped steps
-  (``config.skip_nonfinite``) do not count."""
+  (``config.skip_nonfinite``) do not count. ``resumed_from``: the step this run resumed at; a
+  run that diverges within a few steps of it may have resumed from weights that had diverged
+  already without being non-finite yet, which the message says."""
   for i, m in enumerate(records):
     finite = bool(m["finite"]) if "finite" in m else bool(
         np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
@@ -150,6 +152,11 @@ def check_finite(records, first_step: int, ckpt=None, config=None) -> None:
     else:
       where = (f"the last checkpoint is {os.path.join(ckpt.directory, str(last))} (step {last}); "
                f"nothing after it was saved, and a rerun of the same command resumes from it")
+    if resumed_from and bad - resumed_from <= 3:
+      where += (f". This run resumed from step {resumed_from} and diverged {bad - resumed_from} "
+                "step(s) later: that checkpoint may hold weights that had diverged already "
+                "(finite, but too large); move it away to resume from an earlier one, or use a "
+                "new --workdir")
     fix = "lower config.lr, set config.grad_clip, or train in float32 (config.model.dtype)"
     if config is not None:
       fix = (f"lower config.lr (now {config.lr:g}), set config.grad_clip (now "
@@ -284,12 +291,12 @@ def fit(config, workdir: str, task, mesh=None) -> dict:
       done = step + 1
       if t_window is None:
         # The first step includes compilation: time from its end.
-        check_finite(jax.device_get(pending), step, ckpt, config)
+        check_finite(jax.device_get(pending), step, ckpt, config, start)
         t_window = t_start_steps = time.perf_counter()
         pending, window_start, input_wait = [], done, 0.0
       elif done % config.log_every == 0 or done == stop:
         records = jax.device_get(pending)
-        check_finite(records, window_start, ckpt, config)
+        check_finite(records, window_start, ckpt, config, start)
         now = time.perf_counter()
         n, wall = done - window_start, max(now - t_window, 1e-9)
         ips = n * config.batch_size / wall
@@ -311,7 +318,7 @@ def fit(config, workdir: str, task, mesh=None) -> dict:
         writer.write(done, row)
         pending, window_start, t_window, input_wait = [], done, now, 0.0
       if ckpt.should_save(done):
-        check_finite(jax.device_get(pending), window_start, ckpt, config)
+        check_finite(jax.device_get(pending), window_start, ckpt, config, start)
         ckpt.save(done, state, {**meta_base, "step": done, "data_position": done})
       if eval_every and done % eval_every == 0 and done < n_steps:
         task.evaluate(defs, state, mesh, writer, done)
@@ -319,7 +326,7 @@ def fit(config, workdir: str, task, mesh=None) -> dict:
     close = getattr(batches, "close", None)
     if close is not None:
       close()   # stops the pipeline's worker processes now, also when a step raised
-  check_finite(jax.device_get(pending), window_start, ckpt, config)
+  check_finite(jax.device_get(pending), window_start, ckpt, config, start)
   done = int(jax.device_get(state["step"]))
   ckpt.save(done, state, {**meta_base, "step": done, "data_position": done}, force=True)
   ckpt.close()

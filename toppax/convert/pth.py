@@ -12,6 +12,7 @@ plain ``argparse.Namespace`` objects filled with their pickled fields).
 from __future__ import annotations
 
 import argparse
+import codecs
 import collections
 import io
 import os
@@ -82,10 +83,6 @@ def _numpy_scalar(dtype, data=None):
   return np.frombuffer(data, dtype=dtype)[0] if data is not None else np.zeros((), dtype)[()]
 
 
-def _namespace(*args):
-  return argparse.Namespace()
-
-
 # (module, name) -> what the restricted unpickler returns for it. Nothing else is accepted.
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -97,6 +94,8 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "dtype"): np.dtype,
+    # Protocol 2 pickles bytes as _codecs.encode(text, "latin1") (numpy scalars' data).
+    ("_codecs", "encode"): lambda text, encoding="utf-8": codecs.encode(text, encoding),
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
