@@ -73,18 +73,9 @@ def convert_neck(neck, table: KeyTable, prefix: str = "backbone."):
 
 
 def official_rope_tables(embed_dim: int, grid: int, pt_seq_len: int = 14):
-  """``(freqs_cos, freqs_sin)``, each (grid * grid, embed_dim) float32: the buffers of Vim's
-  ``VisionRotaryEmbeddingFast(dim=embed_dim // 2, pt_seq_len=14, ft_seq_len=grid)``. Per token
-  (row-major), the first half of the channels rotates with the row, the second half with the
-  column; channel pairs (2k, 2k + 1) share one frequency, 10000 ** (-4k / embed_dim)."""
-  d = embed_dim // 2
-  freqs = 1.0 / 10000.0 ** (np.arange(0, d, 2)[:d // 2].astype(np.float32) / np.float32(d))
-  t = np.arange(grid, dtype=np.float32) / np.float32(grid) * np.float32(pt_seq_len)
-  f = np.repeat(np.outer(t, freqs), 2, axis=-1)                       # (grid, d)
-  rows = np.broadcast_to(f[:, None, :], (grid, grid, d))
-  cols = np.broadcast_to(f[None, :, :], (grid, grid, d))
-  table = np.concatenate([rows, cols], axis=-1).reshape(grid * grid, 2 * d).astype(np.float32)
-  return np.cos(table), np.sin(table)
+  """The buffers of Vim's RoPE (``toppax.models.vim.rope_tables``)."""
+  from toppax.models.vim import rope_tables
+  return rope_tables(embed_dim, grid, pt_seq_len)
 
 
 def _check_rope(model, table: KeyTable, prefix: str):

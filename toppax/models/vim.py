@@ -35,6 +35,11 @@ class ViMConfig:
   norm_epsilon: float = 1e-5
   # False: Vim's segmentation backbone (no cls token; the position embedding has no cls row).
   cls_token: bool = True
+  # Rotary position embedding of the hidden states and the residual before every block
+  # (Vim's if_rope + if_rope_residual, used by its ViM-S segmentation config).
+  rope: bool = False
+  # False: the two scan branches are summed, not averaged (Vim's if_divide_out=False).
+  divide_out: bool = True
   dtype: str = "float32"  # activation / matmul dtype; params, norms and scan state stay fp32
   scan_implementation: str | None = None
   # Run runs of identical blocks as one lax.scan over stacked parameters: compiles each block
@@ -43,6 +48,10 @@ class ViMConfig:
 
   def __post_init__(self):
     check_image_size(self.img_size, self.patch_size, self.stride)
+    if self.rope and (self.cls_token or self.num_patches % 2):
+      raise ValueError(f"rope=True needs an even number of patch tokens and no cls token (as "
+                       f"Vim's segmentation backbone); got {self.num_patches} patches, "
+                       f"cls_token={self.cls_token}")
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -76,6 +85,29 @@ def check_image_size(img_size: int, patch_size: int, stride: int | None = None) 
                      f"Use img_size {lo} or {lo + s} (and resize the images to it)")
 
 
+def rope_tables(embed_dim: int, grid: int, pt_seq_len: int = 14):
+  """``(cos, sin)``, each (grid * grid, embed_dim) float32: Vim's
+  ``VisionRotaryEmbeddingFast(dim=embed_dim // 2, pt_seq_len=14, ft_seq_len=grid)``. Per token
+  (row-major), the first half of the channels rotates with the row, the second half with the
+  column; channel pairs (2k, 2k + 1) share one frequency, 10000 ** (-4k / embed_dim), at
+  positions ``arange(grid) / grid * 14``."""
+  d = embed_dim // 2
+  freqs = 1.0 / 10000.0 ** (np.arange(0, d, 2)[:d // 2].astype(np.float32) / np.float32(d))
+  t = np.arange(grid, dtype=np.float32) / np.float32(grid) * np.float32(pt_seq_len)
+  f = np.repeat(np.outer(t, freqs), 2, axis=-1)                       # (grid, d)
+  rows = np.broadcast_to(f[:, None, :], (grid, grid, d))
+  cols = np.broadcast_to(f[None, :, :], (grid, grid, d))
+  table = np.concatenate([rows, cols], axis=-1).reshape(grid * grid, 2 * d).astype(np.float32)
+  return np.cos(table), np.sin(table)
+
+
+def apply_rope(x, cos, sin):
+  """``x cos + rotate_half(x) sin`` with rotate_half((x0, x1)) = (-x1, x0) per channel pair."""
+  pairs = x.reshape(x.shape[:-1] + (-1, 2))
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return x * cos + rotated * sin
+
+
 class PatchEmbed(nnx.Module):
 
   def __init__(self, cfg: ViMConfig, *, rngs: nnx.Rngs):
@@ -99,15 +131,20 @@ class Block(nnx.Module):
     self.mixer = BiMambaV2(cfg.embed_dim, d_state=cfg.d_state, d_conv=cfg.d_conv,
                            expand=cfg.expand, n_layer=cfg.depth, dtype=jnp.dtype(cfg.dtype),
                            scan_implementation=cfg.scan_implementation, gap_delta=gap_delta,
-                           rngs=rngs)
+                           divide_out=cfg.divide_out, rngs=rngs)
     self.norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_epsilon)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
-  def __call__(self, hidden, residual, *, gaps_f=None, gaps_b=None):
+  def __call__(self, hidden, residual, *, gaps_f=None, gaps_b=None, rope=None):
+    """``rope``: the (cos, sin) tables of the tokens' positions, or None. Vim rotates the hidden
+    states and the residual before the add; the rotation is linear, so rotating the sum is the
+    same."""
     if residual is None:
       residual = hidden.astype(jnp.float32)
     else:
       residual = residual + self.drop_path(hidden).astype(jnp.float32)
+    if rope is not None:
+      residual = apply_rope(residual, *rope)
     normed = self.norm(residual, out_dtype=self.mixer.dtype)
     out, ys = self.mixer(normed, gaps_f=gaps_f, gaps_b=gaps_b)
     return out, residual, ys
@@ -274,14 +311,23 @@ class VisionMamba(nnx.Module):
     pruning step would then not reproduce the dense model bit for bit)."""
     ids = list(ids)
     last = ids.pop() if scan_outputs and ids else None
-    hidden, residual = self._scan_blocks(ids, tokens.hidden, tokens.residual, gaps)
+    rope = self._rope(tokens.positions)
+    hidden, residual = self._scan_blocks(ids, tokens.hidden, tokens.residual, gaps, rope)
     ys = None
     if last is not None:
       gaps_f, gaps_b = gaps if gaps is not None else (None, None)
-      hidden, residual, ys = self.layers[last](hidden, residual, gaps_f=gaps_f, gaps_b=gaps_b)
+      hidden, residual, ys = self.layers[last](hidden, residual, gaps_f=gaps_f, gaps_b=gaps_b,
+                                               rope=rope)
     return tokens._replace(hidden=hidden, residual=residual), ys
 
-  def _scan_blocks(self, ids, hidden, residual, gaps):
+  def _rope(self, positions):
+    """The RoPE (cos, sin) rows of the tokens at ``positions`` (batch, L), or None."""
+    if not self.cfg.rope:
+      return None
+    cos, sin = rope_tables(self.cfg.embed_dim, self.cfg.grid[0])
+    return jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]
+
+  def _scan_blocks(self, ids, hidden, residual, gaps, rope=None):
     """Blocks ``ids``; a ``lax.scan`` over their stacked state when they share a graph (compiles
     the block body, and its scan kernels, once instead of once per block)."""
     gaps_f, gaps_b = gaps if gaps is not None else (None, None)
@@ -290,13 +336,13 @@ class VisionMamba(nnx.Module):
     if (len(layers) < 2 or not self.cfg.scan_layers
         or any(nnx.graphdef(l) != graphdef for l in layers[1:])):
       for layer in layers:
-        hidden, residual, _ = layer(hidden, residual, gaps_f=gaps_f, gaps_b=gaps_b)
+        hidden, residual, _ = layer(hidden, residual, gaps_f=gaps_f, gaps_b=gaps_b, rope=rope)
       return hidden, residual
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(l) for l in layers])
 
     def body(carry, state):
       layer = nnx.merge(graphdef, state)
-      h, r, _ = layer(*carry, gaps_f=gaps_f, gaps_b=gaps_b)
+      h, r, _ = layer(*carry, gaps_f=gaps_f, gaps_b=gaps_b, rope=rope)
       return (h, r), nnx.state(layer, nnx.RngState)  # advanced drop-path streams
 
     (hidden, residual), rng_states = jax.lax.scan(body, (hidden, residual), stacked)

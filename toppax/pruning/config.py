@@ -5,9 +5,10 @@ import dataclasses
 import math
 from typing import Sequence
 
+from toppax.ssm.ops import GAP_DELTA_RULES
+
 IMPORTANCE = ("clip", "l1", "l2", "raw", "release")
 CLS_MODES = ("keep_position", "middle")
-GAP_DELTA_RULES = ("prev", "bias")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,18 +47,21 @@ class DepthwiseConv1d(nnx.Module):
 
 
 class BiMambaV2(nnx.Module):
-  """``out_proj((y_f + y_b) / 2)`` with y_f, y_b the gated scans of two independent branches."""
+  """``out_proj((y_f + y_b) / 2)`` with y_f, y_b the gated scans of two independent branches
+  (``divide_out=False``: ``out_proj(y_f + y_b)``, as Vim's models built without
+  ``if_divide_out``)."""
 
   def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                n_layer: int = 1, dtype=jnp.float32, scan_implementation: str | None = None,
-               gap_delta: str = "prev", rngs: nnx.Rngs):
+               gap_delta: str = "prev", divide_out: bool = True, rngs: nnx.Rngs):
     self.d_model, self.d_state = d_model, d_state
     self.d_inner = expand * d_model
     self.dt_rank = math.ceil(d_model / 16)
     self.dtype = dtype
     self.scan_implementation = scan_implementation
     self.gap_delta = gap_delta
+    self.divide_out = divide_out
     di, r = self.d_inner, self.dt_rank
     self.in_proj = _torch_linear(d_model, 2 * di, bias=False, rngs=rngs, dtype=dtype)
     # out_proj is rescaled by 1/sqrt(n_layer) in the official init (GPT-2 scheme).
@@ -105,5 +108,6 @@ class BiMambaV2(nnx.Module):
     x, z = jnp.split(xz, 2, axis=-1)
     y_f = self._branch(x, z, backward=False, gaps=gaps_f)
     y_b = self._branch(x, z, backward=True, gaps=gaps_b)
-    out = self.out_proj((y_f + y_b) / 2)
+    y = y_f + y_b
+    out = self.out_proj(y / 2 if self.divide_out else y)
     return out, (y_f, y_b)
