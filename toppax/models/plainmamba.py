@@ -451,12 +451,12 @@ class PlainMamba(nnx.Module):
         full = restorer.read(tokens)
         maps.append(full.reshape(batch, *hw, full.shape[-1]))
       if i + 1 in prune_after:
-        if restorer is not None:
-          restorer.before_prune(tokens, n_full)
         # One summed output: (y + y) / 2 == y exactly. The 1-D gaps are not used: each zig-zag
         # scan counts its own gaps from the positions (PlainMamba2D).
-        tokens, step = prune(tokens, (y, y), prune_after[i + 1], pr, n_full=n_full)
-        positions = tokens.positions
+        tokens, step = prune(tokens, (y, y), prune_after[i + 1], pr, n_full=n_full,
+                             restorer=restorer)
+        if tokens.hidden.shape[1] < n_full:
+          positions = tokens.positions
         info["positions"].append(step.positions)
         info["scores"].append(step.scores)
         info["tokens"].append(tokens.hidden.shape[1])

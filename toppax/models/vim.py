@@ -281,10 +281,8 @@ class VisionMamba(nnx.Module):
       if stop - 1 in taps:
         maps.append(self._to_map(restorer.read(tokens)))
       if stop in prune_after:
-        if restorer is not None:
-          restorer.before_prune(tokens, n_full)
         tokens, step = prune(tokens, scan_outputs, prune_after[stop], pr, n_full=n_full,
-                             cls_position=cls_position)
+                             cls_position=cls_position, restorer=restorer)
         gaps = step.gaps
         info["positions"].append(step.positions)
         info["scores"].append(step.scores)

@@ -53,7 +53,8 @@ def _select(scores, positions, k: int, config: PruneConfig, cls_position: int | 
 
 
 def prune(tokens: Tokens, scan_outputs, keep_ratio: float, config: PruneConfig, *,
-          n_full: int, cls_position: int | None = None) -> tuple[Tokens, Pruned]:
+          n_full: int, cls_position: int | None = None,
+          restorer: "TokenRestorer | None" = None) -> tuple[Tokens, Pruned]:
   """Prunes ``tokens`` after a block.
 
   Args:
@@ -65,6 +66,7 @@ def prune(tokens: Tokens, scan_outputs, keep_ratio: float, config: PruneConfig, 
     n_full: the unpruned sequence length (the positions' range).
     cls_position: the cls token's position in the unpruned sequence (ViM classification), or
       None when every token is prunable.
+    restorer: a ``TokenRestorer`` to record the tokens this step drops (dense heads), or None.
   Returns:
     the pruned ``Tokens`` and the step's ``Pruned`` record. The gaps count the pruned positions
     before (forward scan) and after (backward scan) each kept token in sequence order; models
@@ -73,6 +75,13 @@ def prune(tokens: Tokens, scan_outputs, keep_ratio: float, config: PruneConfig, 
   length = tokens.hidden.shape[1]
   scores = ops.importance(*scan_outputs, config.importance)
   k = kept_count(length, keep_ratio, has_cls=cls_position is not None)
+  if k == length:
+    # Keeping every token selects them all in their order: the step is the identity (known
+    # statically), and skipping it keeps the graph, and so the numbers, of the unpruned model.
+    gaps = ops.alignment_gaps(tokens.positions, n_full) if config.alignment else None
+    return tokens, Pruned(scores, tokens.positions, gaps)
+  if restorer is not None:
+    restorer.before_prune(tokens, n_full)
   idx = _select(scores, tokens.positions, k, config, cls_position)
   kept = Tokens(ops.take(tokens.hidden, idx),
                 None if tokens.residual is None else ops.take(tokens.residual, idx),
