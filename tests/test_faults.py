@@ -227,8 +227,8 @@ def test_image_size_must_be_whole_patches_everywhere():
     models.create("vim_t", img_size=18, patch_size=4, depth=1, embed_dim=16)
   with pytest.raises(ValueError, match="img_size 225 is not a multiple of vim_s's patch_size 16"):
     flops.model_gflops("vim_s", img_size=225)
-  with pytest.raises(ValueError, match="img_size 100 is not a multiple of plainmamba_l1's patch"):
-    flops.model_gflops("plainmamba_l1", img_size=100)
+  # PlainMamba pads such sizes as its official patch embedding does (100 -> stem 50 -> 7x7).
+  assert flops.block_table("plainmamba_l1", 100)[2]["tokens"] == 49
   with pytest.raises(ValueError, match="patch_size 8 plus a multiple of the stride 4"):
     models.create("vim_t", img_size=30, patch_size=8, stride=4, depth=1, embed_dim=16)
   models.create("vim_t", img_size=32, patch_size=8, stride=4, depth=1, embed_dim=16)

@@ -94,18 +94,21 @@ def _pair(x) -> tuple[int, int]:
   return int(x), int(x)
 
 
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
 def grid_for(cfg: PlainMambaConfig, hw: tuple[int, int], what: str = "image size"):
-  """Token grid (H/p, W/p). The official patch embed would corner-pad other sizes; we accept only
-  sizes divisible by the patch stride, where padding is a no-op, and say so loudly otherwise."""
+  """Token grid of an h x w image: the 7x7 stride-2 stem gives ceil(h / 2) x ceil(w / 2), and the
+  official patch embedding pads that at the bottom and right ("corner" AdaptivePadding) to a
+  multiple of the (p/2)-strided projection, so the grid is ceil(ceil(h / 2) / (p / 2)) on each
+  side: h / p for sizes divisible by p, one more row or column of partly padded tokens
+  otherwise (as the official model, e.g. on ADE20K test images of any width)."""
   h, w = hw
-  p = cfg.patch_size
-  if h < p or w < p or h % p or w % p:
-    raise ValueError(
-        f"PlainMamba {what} {h}x{w} is not a positive multiple of the patch stride {p}: the "
-        f"stem (7x7, stride 2) and the {p // 2}x{p // 2} stride-{p // 2} projection give a "
-        f"{p}x downsampled grid, so height and width must be divisible by {p} "
-        f"(e.g. {max(p, h // p * p)}x{max(p, w // p * p)})")
-  return h // p, w // p
+  if h < 1 or w < 1:
+    raise ValueError(f"PlainMamba {what} {h}x{w} is empty")
+  q = cfg.patch_size // 2
+  return _ceil_div(_ceil_div(h, 2), q), _ceil_div(_ceil_div(w, 2), q)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,6 +245,10 @@ class ConvPatchEmbed(nnx.Module):
     x = jax.nn.relu(self.stem_bn(self.stem_conv(x)))
     for conv, bn in zip(self.convs, self.bns):
       x = jax.nn.relu(bn(conv(x)))
+    q = self.projection.kernel_size[0]
+    pad_h, pad_w = (-x.shape[1]) % q, (-x.shape[2]) % q
+    if pad_h or pad_w:                     # the official "corner" AdaptivePadding
+      x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     x = self.projection(x)                 # (B, H, W, C): row-major flatten == torch's flatten(2)
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
@@ -355,8 +362,9 @@ class PlainMambaLayer(nnx.Module):
 class PlainMamba(nnx.Module):
   """PlainMamba classifier: ``model(images)`` takes NHWC float images and returns logits.
 
-  Any height and width divisible by ``patch_size`` work; the position embedding (stored at the
-  img_size grid) is resized bicubically to the input's grid as the official forward does. With
+  Any height and width work (sizes not divisible by ``patch_size`` are padded as the official
+  patch embedding pads them, see ``grid_for``); the position embedding (stored at the img_size
+  grid) is resized bicubically to the input's grid as the official forward does. With
   ``pruning`` (a PruneConfig), tokens are pruned after the configured layers;
   ``model(images, return_info=True)`` also returns ``info`` with ``positions`` (one (B, K_i)
   array per pruning layer: the raster index of each kept token, ascending), ``scores`` (one

@@ -269,12 +269,18 @@ def block_table(name: str, img_size=224, pruning=None, **overrides) -> list[dict
   key, spec = _spec(name, overrides)
   h, w = _hw(img_size)
   p = spec["patch_size"]
-  for side in sorted({h, w}):
-    if side < p or side % p:
-      lo = max(p, side // p * p)
+  if min(h, w) < 1:
+    raise ValueError(f"img_size {img_size} gives no patch tokens: give a positive image size")
+  # ViM's strided patch embedding would drop the pixels past the last whole patch (the model
+  # refuses such sizes); PlainMamba pads them, as its official patch embedding does.
+  for side in sorted({h, w}) if key in VIM_ARCHS else []:
+    if side < p:
+      raise ValueError(f"img_size {img_size} gives no patch tokens for {key}: use an image size "
+                       f"of at least its patch_size {p}")
+    if side % p:
       raise ValueError(f"img_size {img_size} is not a multiple of {key}'s patch_size {p} (the "
-                       "model refuses such images, so their FLOPs are not counted): use "
-                       f"{lo} or {lo + p}")
+                       f"model refuses such images, so their FLOPs are not counted): use "
+                       f"{side // p * p} or {side // p * p + p}")
   if key in VIM_ARCHS:
     return _vim_rows(spec, img_size, pruning)
   return _pm_rows(spec, img_size, pruning)
