@@ -242,3 +242,49 @@ def test_command_line(capsys):
   for argv in (["vim_xx"], ["vim_s", "--layers", "5", "--keep", "1.5"], ["vim_t", "--layers", "30"]):
     with pytest.raises(SystemExit):
       flops.main(argv)
+
+
+# --- segmentation models ------------------------------------------------------------------------
+
+
+def test_segmentation_flops_count_backbone_neck_and_heads_by_hand():
+  """A small ViM UperNet at 64 px (grid 4x4, maps 16/8/4/2), counted by hand: the backbone as a
+  cls-free classification backbone, fpn1 two 2x2 transposed convs (+ BN), fpn2 one, UPerHead's
+  convs (+ BN), the classifier; the aux head apart (training only)."""
+  kw = dict(depth=4, embed_dim=8, channels=4, aux_channels=3, out_indices=(0, 1, 2, 3),
+            pool_scales=(1, 2), num_classes=5)
+  rows = flops.block_table("upernet_vim_t", 64, **kw)
+  d, c, k = 8, 4, 5
+  backbone = sum(r["gflops"] for r in flops.backbone_rows("vim_t", 64, depth=4, embed_dim=8))
+  neck = (16 * d * d * 4 + 64 * d + 64 * d * d * 4) + 16 * d * d * 4
+  ppm = 1 * d * c + c + 4 * d * c + 4 * c
+  bottleneck = 4 * 9 * (d + 2 * c) * c + 4 * c
+  lateral = sum(hw * (d * c + c) for hw in (256, 64, 16))
+  fpn = sum(hw * (9 * c * c + c) for hw in (256, 64, 16))
+  fuse = 256 * (9 * 4 * c * c + c)
+  cls = 256 * c * k
+  want = backbone + (neck + ppm + bottleneck + lateral + fpn + fuse + cls) / 1e9
+  assert flops.model_gflops("upernet_vim_t", 64, **kw) == pytest.approx(want, rel=1e-12)
+  aux = [r for r in rows if r.get("train_only")]
+  assert len(aux) == 1 and aux[0]["gflops"] == pytest.approx((16 * (9 * d * 3 + 3) + 16 * 3 * k)
+                                                             / 1e9)
+  assert flops.model_gflops("upernet_vim_t", 64, aux=True, **kw) == pytest.approx(
+      want + aux[0]["gflops"])
+
+
+def test_segmentation_flops_pruned_and_keep_all():
+  from toppax.pruning import PruneConfig
+  top = PruneConfig(layers=(5, 10, 15), keep_ratio=0.8)
+  for name in ("upernet_vim_t", "upernet_plainmamba_l1"):
+    dense = flops.model_gflops(name, 512)
+    keep_all = PruneConfig(layers=(5,), keep_ratio=1.0, alignment=False)
+    assert flops.model_gflops(name, 512, keep_all) == dense
+    pruned = flops.model_gflops(name, 512, top)
+    removal = flops.model_gflops(name, 512, PruneConfig(layers=(5, 10, 15), keep_ratio=0.8,
+                                                        alignment=False))
+    assert removal < pruned < dense
+  table = flops.format_table("upernet_vim_t", 512, top)
+  assert "| block 6 | 820 |" in table and "decode: fpn bottleneck + cls" in table
+  assert "fewer FLOPs" in table and "training only" in table
+  with pytest.raises(ValueError, match="square"):
+    flops.model_gflops("upernet_vim_t", (512, 640))

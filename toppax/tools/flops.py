@@ -192,18 +192,19 @@ def _row(layer: str, kind: str, tokens, flops: float, **parts) -> dict:
 # ViM
 
 
-def _vim_rows(spec: dict, img_size, pruning) -> list[dict]:
+def _vim_rows(spec: dict, img_size, pruning, *, cls_token: bool = True,
+              head: bool = True) -> list[dict]:
   h, w = _hw(img_size)
   p = spec["patch_size"]
   gh, gw = h // p, w // p  # timm PatchEmbed: stride-p conv, no padding
-  n0 = gh * gw + 1  # + cls token
+  n0 = gh * gw + (1 if cls_token else 0)
   d = spec["embed_dim"]
   e = spec["expand"] * d
   n_state, r, k = spec["d_state"], spec["dt_rank"], spec["d_conv"]
   branches = spec["ssm_branches"]
 
   rows = [_row("patch_embed", "embed", gh * gw, gh * gw * d * spec["in_chans"] * p * p)]
-  for b, (n, gaps) in enumerate(_token_plan(n0, spec["depth"], pruning, has_cls=True), 1):
+  for b, (n, gaps) in enumerate(_token_plan(n0, spec["depth"], pruning, has_cls=cls_token), 1):
     linear = n * d + n * d * 2 * e + n * e * d  # RMSNorm, in_proj, out_proj
     branch_linear = n * e * k + n * e * (r + 2 * n_state) + n * r * e  # conv, x_proj, dt_proj
     scan = SCAN_FLOPS_PER_STATE * e * n_state * n + 2 * e * n  # + D skip, z gate
@@ -213,7 +214,8 @@ def _vim_rows(spec: dict, img_size, pruning) -> list[dict]:
                      linear_gflops=linear + branches * branch_linear,
                      scan_gflops=branches * scan, align_gflops=branches * align))
   # The head reads the cls token only; the final RMSNorm on it is noise (d FLOPs) but counted.
-  rows.append(_row("head", "head", 1, d + d * spec["num_classes"]))
+  if head:
+    rows.append(_row("head", "head", 1, d + d * spec["num_classes"]))
   return rows
 
 
@@ -221,7 +223,7 @@ def _vim_rows(spec: dict, img_size, pruning) -> list[dict]:
 # PlainMamba
 
 
-def _pm_rows(spec: dict, img_size, pruning) -> list[dict]:
+def _pm_rows(spec: dict, img_size, pruning, *, head: bool = True) -> list[dict]:
   h, w = _hw(img_size)
   c0, cin = spec["stem_channels"], spec["in_chans"]
   # Stem: 7x7 stride-2 conv (pad 3), then num_convs 3x3 convs at that resolution.
@@ -251,7 +253,8 @@ def _pm_rows(spec: dict, img_size, pruning) -> list[dict]:
     rows.append(_row(f"block {b}", "block", n, linear + scan + align, linear_gflops=linear,
                      scan_gflops=scan, align_gflops=align))
   # Mean pooling is free; the head is a linear layer on the pooled feature.
-  rows.append(_row("head", "head", 1, d * spec["num_classes"]))
+  if head:
+    rows.append(_row("head", "head", 1, d * spec["num_classes"]))
   return rows
 
 
@@ -259,13 +262,35 @@ def _pm_rows(spec: dict, img_size, pruning) -> list[dict]:
 # Public API
 
 
+def arch_of(name: str, **overrides) -> dict:
+  """The architecture fields of classification model ``name`` with ``overrides``."""
+  return _spec(name, overrides)[1]
+
+
+def backbone_rows(name: str, img_size, pruning=None, *, depth: int, **overrides) -> list[dict]:
+  """``block_table`` rows of ``name`` as a segmentation backbone: no cls token, no classifier,
+  the first ``depth`` blocks."""
+  key, spec = _spec(name, {**overrides, "depth": depth})
+  if key in VIM_ARCHS:
+    return _vim_rows(spec, img_size, pruning, cls_token=False, head=False)
+  return _pm_rows(spec, img_size, pruning, head=False)
+
+
+def _is_segmentation(name) -> bool:
+  return str(name).strip().lower().startswith("upernet_")
+
+
 def block_table(name: str, img_size=224, pruning=None, **overrides) -> list[dict]:
   """Per-row FLOPs: patch embedding (and PlainMamba's stem), one row per block, the head.
+  Segmentation models (``upernet_*``): toppax.tools.seg_flops.block_table.
 
   Each row: ``layer`` (label), ``kind`` ("embed" / "block" / "head"), ``tokens`` (sequence length
   the row runs on), ``gflops``; block rows also split it into ``linear_gflops`` (projections,
   convs, norm), ``scan_gflops`` and ``align_gflops`` (the alignment decay over pruned positions).
   """
+  if _is_segmentation(name):
+    from toppax.tools import seg_flops
+    return seg_flops.block_table(name, img_size, pruning, **overrides)
   key, spec = _spec(name, overrides)
   h, w = _hw(img_size)
   p = spec["patch_size"]
@@ -292,8 +317,12 @@ def model_gflops(name: str, img_size=224, pruning=None, **overrides) -> float:
   ``pruning`` is a toppax.pruning.PruneConfig or anything with ``layers`` (1-based blocks to prune
   after), ``keep_ratio`` (float or one per layer), ``alignment`` and ``fused_token``. Overrides
   replace architecture fields (``embed_dim``, ``depth``, ``d_state``, ...; ViM also
-  ``ssm_branches``, PlainMamba ``conv_full_grid``).
+  ``ssm_branches``, PlainMamba ``conv_full_grid``). Segmentation models (``upernet_*``): the test
+  path (backbone, neck, decode head), toppax.tools.seg_flops.model_gflops.
   """
+  if _is_segmentation(name):
+    from toppax.tools import seg_flops
+    return seg_flops.model_gflops(name, img_size, pruning, **overrides)
   return sum(row["gflops"] for row in block_table(name, img_size, pruning, **overrides))
 
 
@@ -309,15 +338,24 @@ def _describe(pruning) -> str:
 def format_table(name: str, img_size=224, pruning=None, **overrides) -> str:
   """Markdown table of block_table, with a total (and the ratio to dense when pruned)."""
   rows = block_table(name, img_size, pruning, **overrides)
-  total = sum(r["gflops"] for r in rows)
+  seg = _is_segmentation(name)
+  counted = [r for r in rows if not r.get("train_only")]
+  total = sum(r["gflops"] for r in counted)
   shown = f"{total:.2f}" if total >= 0.1 else f"{total:.3g}"
-  lines = [f"**{_canonical(name)}** @ {img_size}px, {_describe(pruning)}: **{shown} GFLOPs**",
-           "", "| layer | tokens | GFLOPs | linear | scan | align |", "|---|---:|---:|---:|---:|---:|"]
+  title = name if seg else _canonical(name)
+  cols = ("linear_gflops", "scan_gflops", "align_gflops") + (("mmcv_gflops",) if seg else ())
+  lines = [f"**{title}** @ {img_size}px, {_describe(pruning)}: **{shown} GFLOPs**", "",
+           "| layer | tokens | GFLOPs | linear | scan | align |" + (" mmcv get_flops |" if seg
+                                                                    else ""),
+           "|---|---:|---:|---:|---:|---:|" + ("---:|" if seg else "")]
   for r in rows:
-    parts = [f"{r[k]:.4f}" if k in r else "" for k in ("linear_gflops", "scan_gflops",
-                                                        "align_gflops")]
+    parts = [f"{r[k]:.4f}" if k in r else "" for k in cols]
     lines.append(f"| {r['layer']} | {r['tokens']} | {r['gflops']:.4f} | " + " | ".join(parts) + " |")
-  lines.append(f"| **total** | | **{total:.4f}** | | | |")
+  lines.append(f"| **total** | | **{total:.4f}** | | | |" + (" |" if seg else ""))
+  if seg:
+    lines += ["", "The total is the test path (backbone, neck, decode head); the auxiliary head "
+              "runs in training only. mmcv get_flops: what mmcv's counter adds for the neck and "
+              "heads (docs/flops.md)."]
   if _field(pruning, "layers", ()):
     dense = model_gflops(name, img_size, None, **overrides)
     lines += ["", f"dense {dense:.2f} G; pruned / dense = {total / dense:.3f} "
