@@ -58,8 +58,11 @@ class _Tuning:
 
 @dataclasses.dataclass(frozen=True)
 class GpuTuning(_Tuning):
-  """Knobs of ``"pallas_gpu"``: the Triton-lowered kernels (``gpu_scan``) and the Mosaic GPU
-  inference forward (``mgpu_scan``)."""
+  """Knobs of ``"pallas_gpu"``: the Triton kernels (``gpu_scan``) and the Mosaic GPU inference
+  forward (``mgpu_scan``)."""
+  # Which kernels: "triton" (Triton through jax-triton) or "pallas_triton" (the same kernels
+  # lowered by Pallas' Triton backend, which jax deprecates; interpret=True then needs no torch).
+  kernels: str = "triton"
   # Triton forward.
   block_d: int | None = None      # channels per program; None: 64 if batch x D >= 65,536, else 32
   num_warps: int = 1              # warps per program
@@ -75,7 +78,7 @@ class GpuTuning(_Tuning):
   bwd_num_warps: int = 1          # backward warps per program (32 channels each)
   bwd_states: int = 16            # backward states per program (a power of two <= 32)
   # Inference forward on Mosaic GPU.
-  fwd_backend: str = "mosaic"     # "mosaic" (used on sm_90+ where D % 128 == 0) or "triton"
+  fwd_backend: str = "mosaic"     # "mosaic" (sm_90+ where D % 128 == 0) or "triton": `kernels`
   mosaic_chunk: int | None = None  # steps per shared-memory chunk; None: 32 bytes (8 fp32 steps)
   mosaic_concurrent: int = 2      # chunks in flight in the TMA pipeline
 
@@ -97,6 +100,9 @@ class GpuTuning(_Tuning):
                             or self.ckpt_every % sub):
       raise ValueError(f"tuning bwd_chunk must divide ckpt_every = {self.ckpt_every} (or be "
                        f"None), got {sub!r}")
+    if self.kernels not in ("triton", "pallas_triton"):
+      raise ValueError(f"tuning kernels must be 'triton' (jax-triton) or 'pallas_triton', got "
+                       f"{self.kernels!r}")
     if self.fwd_backend not in ("mosaic", "triton"):
       raise ValueError(f"tuning fwd_backend must be 'mosaic' or 'triton', got "
                        f"{self.fwd_backend!r}")
