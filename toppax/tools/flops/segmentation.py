@@ -17,6 +17,8 @@ reported with ``train_only=True`` and left out of ``model_gflops`` unless ``aux=
 """
 from __future__ import annotations
 
+from toppax.tools.flops import classification
+
 GIGA = 1e9
 
 
@@ -84,7 +86,6 @@ def block_table(name: str, img_size=512, pruning=None, *, num_classes: int = 150
   """Rows: the backbone (as ``toppax.tools.flops``, no cls token, no classifier, up to the last
   tap), the neck (ViM), the decode head's parts and the auxiliary head (``train_only``)."""
   from toppax import segmentation
-  from toppax.tools import flops
   hw = img_size if isinstance(img_size, (tuple, list)) else (int(img_size), int(img_size))
   cfg = segmentation.config_for(name, num_classes=num_classes, img_size=tuple(hw), **overrides)
   arch = {k: v for k, v in cfg.backbone if k in ("embed_dim", "embed_dims", "d_state",
@@ -93,9 +94,9 @@ def block_table(name: str, img_size=512, pruning=None, *, num_classes: int = 150
     raise ValueError(f"{name} takes square images (its img_size), got {hw[0]}x{hw[1]}")
   arch = {("embed_dim" if k == "embed_dims" else k): v for k, v in arch.items()}
   # forward_features stops at the last tapped block.
-  rows = flops.backbone_rows(cfg.variant, hw, pruning, depth=cfg.out_indices[-1] + 1, **arch)
-  dim = flops.arch_of(cfg.variant, **arch)["embed_dim"]
-  p = flops.arch_of(cfg.variant, **arch)["patch_size"]
+  rows = classification.backbone_rows(cfg.variant, hw, pruning, depth=cfg.out_indices[-1] + 1, **arch)
+  dim = classification.arch_of(cfg.variant, **arch)["embed_dim"]
+  p = classification.arch_of(cfg.variant, **arch)["patch_size"]
   if cfg.family == "vim":
     g = (hw[0] // p, hw[1] // p)
     maps = [(4 * g[0], 4 * g[1]), (2 * g[0], 2 * g[1]), g, (g[0] // 2, g[1] // 2)]
