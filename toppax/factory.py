@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from toppax import checkpointing, convert, models, sharding
+from toppax import checkpointing, convert, models, segmentation, sharding
 from toppax.pruning import PruneConfig
 
 # Model fields that change compute but not parameter shapes (not passed to the FLOPs counter).
@@ -61,9 +61,16 @@ def prune_config(config, variant: str | None = None) -> PruneConfig | None:
   return PruneConfig(**kw)
 
 
+def is_segmentation(config) -> bool:
+  """Whether ``config.model`` is a segmentation model (``toppax.segmentation.names()``)."""
+  return config.model.name.startswith("upernet_")
+
+
 def _depth_and_tokens(config) -> tuple[int | None, int | None]:
   """(number of blocks, ViM sequence length) of ``config.model``, None where not known cheaply."""
   name = config.model.name
+  if is_segmentation(config):
+    return None, None   # toppax.segmentation.create checks its backbone's schedule
   if name.startswith("vim"):
     from toppax.models import vim
     keys = ("depth", "img_size", "patch_size")
@@ -105,11 +112,18 @@ def check_config(config, mesh, *, training: bool = True) -> None:
 
 
 def create_model(config, *, pruning="config", seed=None):
-  """``config.model`` built by ``toppax.models.create``; ``pruning="config"`` takes
-  ``config.pruning``, None builds the dense model, a PruneConfig that one."""
+  """``config.model`` built by ``toppax.models.create`` (or ``toppax.segmentation.create`` for
+  the ``upernet_*`` names); ``pruning="config"`` takes ``config.pruning``, None builds the dense
+  model, a PruneConfig that one. A segmentation model on more than one device normalises its
+  BatchNorms over the whole data-parallel batch (SyncBN: the mesh's 'data' axis)."""
   pruning = prune_config(config) if pruning == "config" else pruning
   seed = config.seed if seed is None else seed
-  return models.create(config.model.name, pruning=pruning, seed=seed, **model_overrides(config))
+  overrides = model_overrides(config)
+  if is_segmentation(config):
+    if jax.device_count() > 1:
+      overrides.setdefault("bn_axis_name", sharding.DATA_AXIS)
+    return segmentation.create(config.model.name, pruning=pruning, seed=seed, **overrides)
+  return models.create(config.model.name, pruning=pruning, seed=seed, **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +182,19 @@ def load_init_params(config, defs: ModelDefs, sharding_):
                                              config=config)
     logging.info("initialised from the %s", what)
     return params, fresh_rngs(config, sharding_)
-  model = convert.from_torch(config.model.name, config.init_from, pruning=prune_config(config),
-                             **model_overrides(config))
+  if is_segmentation(config):
+    from toppax.convert import segmentation as seg_convert
+    sd = convert.load_state_dict(config.init_from)
+    if any(k.startswith("decode_head.") for k in sd):         # an mmseg checkpoint
+      model = seg_convert.from_torch(config.model.name, sd, pruning=prune_config(config),
+                                     **model_overrides(config))
+    else:                        # a classification checkpoint: the official start of training
+      model = seg_convert.from_classification(config.model.name, sd,
+                                              pruning=prune_config(config), seed=config.seed,
+                                              **model_overrides(config))
+  else:
+    model = convert.from_torch(config.model.name, config.init_from,
+                               pruning=prune_config(config), **model_overrides(config))
   _, params, rngs = nnx.split(model, nnx.Param, ...)
   logging.info("initialised from %s", config.init_from)
   return (jax.device_put(nnx.to_pure_dict(params), sharding_),

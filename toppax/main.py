@@ -113,9 +113,16 @@ def _main(argv):
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
 
-  if FLAGS.mode == "train":
+  segmentation = config.model.name.startswith("upernet_")
+  if FLAGS.mode == "train" and segmentation:
+    from toppax.segmentation import train as seg_train
+    seg_train.train_and_evaluate(config, workdir)
+  elif FLAGS.mode == "train":
     from toppax import train
     train.train_and_evaluate(config, workdir)
+  elif FLAGS.mode == "eval" and segmentation:
+    from toppax.segmentation import train as seg_train
+    seg_train.run_eval(config, workdir)
   elif FLAGS.mode == "eval":
     from toppax import evaluate
     evaluate.run_eval(config, workdir)

@@ -81,8 +81,11 @@ def is_prng_key(x) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def apply_model(graphdef, params, rngs, images, mesh):
-  """The model's forward on a batch sharded along 'data': ``(logits, new non-param state)``.
+def apply_model(graphdef, params, rngs, images, mesh, call=None):
+  """The model's forward on a batch sharded along 'data': ``(outputs, new non-param state)``.
+
+  ``call(model, images)`` runs the model (default ``model(images)``); its outputs, a pytree of
+  arrays with the batch first, are split along 'data' like the images.
 
   On more than one device the forward runs per shard under ``jax.shard_map`` (params and
   state replicated, images and logits split). The Pallas scan kernels are custom calls that
@@ -95,18 +98,19 @@ def apply_model(graphdef, params, rngs, images, mesh):
   state returned keeps the original keys with the advanced counters, identical on all shards.
   """
   from flax import nnx
+  call = call or (lambda model, images: model(images))
 
   def body(params, rngs, images, shard):
     local = jax.tree.map(lambda x: jax.random.fold_in(x, shard) if is_prng_key(x) else x, rngs)
     model = nnx.merge(graphdef, params, local)
-    logits = model(images)
+    outputs = call(model, images)
     new = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
     new = jax.tree.map(lambda n, o: o if is_prng_key(o) else n, new, rngs)
-    return logits, new
+    return outputs, new
 
   if mesh.devices.size == 1:
     model = nnx.merge(graphdef, params, rngs)
-    return model(images), nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+    return call(model, images), nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
   def sharded(params, rngs, images):
     return body(params, rngs, images, jax.lax.axis_index(DATA_AXIS))

@@ -74,7 +74,8 @@ class ClassificationTask:
 
 
 def classification_loss(config, key, batch, apply):
-  """(loss, new model state) of one step; ``apply(images)`` runs the model in training mode.
+  """(loss, new model state) of one step; ``apply(images, call=None)`` runs the model in
+  training mode (``call(model, images)``: what to run, default ``model(images)``).
   Augmentation (on the device) draws its randomness from ``key``, a function of (seed, step)."""
   images, targets = augment.train_inputs(key, batch, config)
   logits, new_rngs = apply(images)
@@ -99,7 +100,8 @@ def make_train_step(config, defs: factory.ModelDefs, tx, schedule, mesh, loss_of
     key = jax.random.fold_in(base_key, step)
 
     def loss_fn(params, rngs):
-      apply = lambda images: sharding.apply_model(defs.train, params, rngs, images, mesh)
+      def apply(images, call=None):
+        return sharding.apply_model(defs.train, params, rngs, images, mesh, call=call)
       return loss_of(key, batch, apply)
 
     (loss, rngs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"],
@@ -176,7 +178,9 @@ RESUMABLE_FIELDS = ("total_steps", "num_epochs", "max_steps_per_run", "eval_batc
                     "eval_every_epochs", "eval_ema", "compare", "log_every", "checkpoint_every",
                     "keep_checkpoints", "init_from", "multihost", "workdir", "bench", "study",
                     "data.workers", "data.eval_examples", "data.eval_dir", "data.eval_split",
-                    "aug.eval_crop", "resume_fallback", "skip_nonfinite")
+                    "aug.eval_crop", "resume_fallback", "skip_nonfinite", "eval_every_steps",
+                    "seg.pictures", "seg.eval_bucket", "seg.eval_canvas", "seg.test_mode",
+                    "seg.slide_stride")
 
 
 def config_changes(config, workdir) -> list[str]:
@@ -267,7 +271,8 @@ def fit(config, workdir: str, task, mesh=None) -> dict:
                     "evaluation runs (raise config.total_steps / num_epochs to train on)",
                     start, n_steps)
   step_fn = make_train_step(config, defs, tx, schedule, mesh, task.loss)
-  eval_every = int(config.eval_every_epochs * plan.steps_per_epoch)
+  eval_every = int(config.get("eval_every_steps", 0) or
+                   config.eval_every_epochs * plan.steps_per_epoch)
   # A run killed between a checkpoint at an eval step and the end of that eval lost the eval:
   # a run resumed at such a step evaluates it again (its old rows, if any, are replaced).
   eval_again = bool(eval_every) and 0 < start < n_steps and start % eval_every == 0

@@ -227,6 +227,49 @@ def show_kept_tokens(model, inputs, display_images=None, *, indices=None, path=N
   return fig, logits, info
 
 
+def label_colors(num_classes: int) -> np.ndarray:
+  """(num_classes + 1, 3) uint8 colours: a fixed palette per class, black for ignored (255)."""
+  rng = np.random.default_rng(0)
+  palette = rng.integers(40, 256, (num_classes, 3)).astype(np.uint8)
+  return np.concatenate([palette, np.zeros((1, 3), np.uint8)])
+
+
+def colorize(label, num_classes: int) -> np.ndarray:
+  """A label map (H, W) as an RGB picture; 255 (ignored) is black."""
+  label = np.asarray(label).astype(np.int64)
+  return label_colors(num_classes)[np.where((label >= 0) & (label < num_classes), label,
+                                            num_classes)]
+
+
+def plot_segmentation(images, labels, predictions: Mapping[str, np.ndarray], positions, grid, *,
+                      num_classes: int, path: str | None = None, panel_size: float = 2.0):
+  """One row per example: the image, its ground truth, each prediction (``{"dense": (B, H, W),
+  "top": ...}``) and, when ``positions`` is given (``info["positions"]`` of the pruned model),
+  the image with the tokens each pruning stage dropped greyed out."""
+  images = np.asarray(images)
+  stages = list(positions) if positions is not None else []
+  cols = 2 + len(predictions) + len(stages)
+  fig = _new_figure((panel_size * cols, panel_size * len(images) + 0.3))
+  axes = fig.subplots(len(images), cols, squeeze=False)
+  for i, image in enumerate(images):
+    _show(axes[i, 0], image, "image")
+    label = np.asarray(labels[i])
+    _show(axes[i, 1], colorize(label, num_classes), "ground truth")
+    for j, (name, pred) in enumerate(predictions.items()):
+      pred = np.asarray(pred[i])
+      valid = label != 255
+      acc = float((pred == label)[valid].mean()) if label.shape == pred.shape and valid.any() \
+          else float("nan")
+      title = f"{name}" + (f" (pixel acc {100 * acc:.0f}%)" if acc == acc else "")
+      _show(axes[i, 2 + j], colorize(pred, num_classes), title)
+    for s, mask in enumerate(stage_masks([np.asarray(p) for p in stages], grid, index=i)):
+      _show(axes[i, 2 + len(predictions) + s], grey_out(image, mask),
+            f"stage {s + 1}: {int(mask.sum())} kept")
+  if path:
+    fig.savefig(path, dpi=120)
+  return fig
+
+
 def flops_vs_keep_ratio(name: str, keep_ratios: Sequence[float], layers: Sequence[int], *,
                         img_size=224, **overrides) -> dict:
   """GFLOPs per image of ``name`` pruned after ``layers`` at each keep ratio: ToP (alignment),
