@@ -48,7 +48,10 @@ def test_bench_scan_refuses_what_would_mislabel_or_crash(capsys):
            (["--impl", "xla", "--shapes", "ViM-X"], "unknown shape"),
            (["--impl", "xla", "--slow-shapes", "ViM-Q"], "unknown shape"),
            (["--impl", "xla", "--dtypes", "float33"], "float33"),
-           (["--impl", "xla", "--batch", "0"], "positive")]
+           (["--impl", "xla", "--batch", "0"], "positive"),
+           (["--impl", "xla", "--tunings", "{triton: {}}"], "not JSON"),
+           (["--impl", "xla", "--tunings", '{"triton": 1}'], "label"),
+           (["--impl", "xla", "--tunings", '{"triton": {}}'], "applies to --impl pallas_gpu")]
   for argv, message in cases:
     with pytest.raises(SystemExit) as e:
       bench_scan.main(argv)

@@ -1,6 +1,13 @@
-"""Pallas selective-scan kernels (GPU Triton-lowered and TPU Mosaic) in interpret mode on CPU,
-against the float64 oracle (forward) and the "reference" implementation's jax.grad (gradients);
-plus dispatch/fallback and a check that the kernels lower for CUDA and TPU from this CPU machine.
+"""The selective-scan kernels (GPU and TPU) in interpret mode on CPU, against the float64 oracle
+(forward) and the "reference" implementation's jax.grad (gradients); plus dispatch/fallback and a
+check that the kernels lower for CUDA and TPU from this CPU machine.
+
+"pallas_gpu" in interpret mode runs its default kernels, the Triton kernels, in Triton's
+interpreter where torch is installed, and the Pallas-Triton kernels (the same algorithm) in
+Pallas' interpreter where it is not. The CUDA export tests below are of the Pallas-Triton
+kernels (their Triton IR is part of the export); tests/test_triton_kernels.py checks the
+Triton kernels' compile and jax-triton lowering, and with --run-gpu the GPU tests here run the
+default kernels natively.
 
 Interpret mode is slow, so each length carries one combination of options rather than all of
 them; together the cases cover reverse, both gap rules, D/z/delta_bias, no softplus, channel
@@ -402,8 +409,14 @@ EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True, 2),
                 (jnp.float32, 16, True, "prev", False, 384)]
 
 
-def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse, b, tuning=None):
+PALLAS_TRITON = GpuTuning(kernels="pallas_triton")
+
+
+def _export_grad(impl, platform, disabled, dtype, n, with_z, gap_delta, reverse, b,
+                 tuning=PALLAS_TRITON):
   fn = get_implementation(impl)
+  if impl == "pallas_tpu" and tuning is PALLAS_TRITON:
+    tuning = None
 
   def f(u, delta, A, B, C, D, z, bias, gaps):
     def loss(*a):
@@ -441,18 +454,19 @@ def test_register_cap_reaches_the_triton_module():
   # register_cap: the cap rides in the kernel's name and lands as the module attribute
   # ttg.maxnreg in the Triton IR that XLA compiles (Triton turns it into PTX .maxnreg).
   case = (jnp.float32, 16, True, "prev", False, 2)
-  tuning = GpuTuning(bwd_maxnreg=168, maxnreg=200, bwd_chunk=2)
+  tuning = GpuTuning(bwd_maxnreg=168, maxnreg=200, bwd_chunk=2, kernels="pallas_triton")
   text = _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case, tuning=tuning)
   assert register_cap.installed()
   assert "selective_scan_bwd_maxnreg168" in text and "selective_scan_fwd_maxnreg200" in text
   assert text.count("ttg.maxnreg") == 2
   plain = _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
-                       tuning=GpuTuning(maxnreg=None, bwd_maxnreg=None))
+                       tuning=GpuTuning(maxnreg=None, bwd_maxnreg=None, kernels="pallas_triton"))
   assert "ttg.maxnreg" not in plain
   for bad in (dict(bwd_maxnreg=300), dict(bwd_maxnreg=16), dict(maxnreg=True),
               dict(ckpt_every=4, bwd_chunk=3), dict(bwd_chunk=True)):
     with pytest.raises(ValueError, match="maxnreg|bwd_chunk"):
-      _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case, tuning=bad)
+      _export_grad("pallas_gpu", "cuda", _CUDA_DISABLED, *case,
+                   tuning=dict(bad, kernels="pallas_triton"))
 
 
 @pytest.mark.parametrize("tuning,n", [({}, 16), ({"bwd_num_warps": 2}, 16), ({}, 40),
@@ -498,7 +512,7 @@ def test_gpu_kernels_lower_under_checked_shard_map():
 
   def scan(u, A, B, C):
     return fn(u, u, A, B, C, None, None, None, delta_softplus=True, reverse=False, gaps=None,
-              gap_delta="prev", interpret=False, check_lowering=False)
+              gap_delta="prev", interpret=False, check_lowering=False, tuning=PALLAS_TRITON)
 
   def grad(u, A, B, C):
     loss = lambda *a: jnp.sum(jax.shard_map(scan, mesh=mesh, in_specs=(d, rep, d, d),
@@ -621,3 +635,46 @@ def test_gpu_gradients_beyond_32_states(n):
     g = _grads("pallas_gpu", x, gaps, reverse=True, gap_delta="prev", interpret=False)
   for k, a, b in zip(KEYS, g_ref, g):
     assert _rel(b, a) < 1e-5, k
+
+
+# The default GPU path for training: the Triton kernels through jax-triton (custom call
+# "triton_kernel_call"), with no Pallas-Triton lowering and so no deprecation warning; the
+# Pallas-Triton kernels, still selectable, compute the same values.
+@pytest.mark.gpu
+def test_default_gpu_training_uses_triton_kernels_without_deprecation_warning():
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU backend")
+  import warnings
+  from toppax.pallas_kernels import gpu_scan
+  cfg = scan_call.ScanConfig(delta_softplus=True, reverse=True, gap_delta="prev", has_z=True,
+                             interpret=False, tuning=GpuTuning())
+  assert gpu_scan.kernels_for(cfg) == "triton"
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(4, 3, 197, 256, 16).items()}
+  gaps = jnp.asarray(np.random.default_rng(7).integers(0, 3, (3, 197)))
+  ct = jnp.asarray(np.random.default_rng(8).standard_normal(x["u"].shape), jnp.float32)
+  fn = get_implementation("pallas_gpu")
+
+  def grads(tuning):
+    def loss(*a):
+      y = fn(*a, delta_softplus=True, reverse=True, gaps=gaps, gap_delta="prev",
+             interpret=False, tuning=tuning)
+      return jnp.sum(y * ct)
+    f = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(8))))
+    args = [x[k] for k in KEYS]
+    return f(*args), f.lower(*args).as_text()
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    (y, g), text = grads(None)
+  deprecations = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+  assert not deprecations, deprecations
+  assert "triton_kernel_call" in text and "__gpu$xla.gpu.triton" not in text
+  (y_p, g_p), text_p = grads({"kernels": "pallas_triton"})
+  assert "__gpu$xla.gpu.triton" in text_p
+  assert _rel(y, y_p) < 1e-6
+  ref = lambda *a: jnp.sum(selective_scan(*a, reverse=True, gaps=gaps, gap_delta="prev",
+                                          implementation="reference") * ct)
+  with jax.default_matmul_precision("highest"):
+    g_ref = jax.jit(jax.grad(ref, argnums=tuple(range(8))))(*[x[k] for k in KEYS])
+  for k, a, b, r in zip(KEYS, g, g_p, g_ref):
+    assert _rel(a, b) < 1e-5 and _rel(a, r) < 1e-5, k

@@ -14,14 +14,13 @@ Kernels:
   Triton backend, so they are not the default; they stay selectable while jax ships it, and run
   where jax-triton is missing (with a warning that says how to install it).
 
-Why Triton and jax-triton for training: the recurrence runs one channel per thread with all its
-states in registers, and the backward's dB/dC sums cross lanes by warp shuffles; Triton's
+Why Triton through jax-triton for training: the recurrence runs one channel per thread with all
+its states in registers, and the backward's dB/dC sums cross lanes by warp shuffles; Triton's
 language expresses exactly that (inline PTX, per-thread scalar loads of B_t and C_t) and
-compiles to the same instructions as the tuned Pallas kernels (``kernel_sass`` counts: 262
-instructions per step in the forward, 480 in the backward, against 271 and 523), with the
-register cap that the backward needs. Mosaic GPU lowers neither warp shuffles nor a register
-cap, and has no scan rule: the backward would reduce dB/dC through shared memory every step.
-docs/benchmarks.md has the timings.
+compiles the tuned algorithm to the same instructions as the Pallas kernels did, under the
+register cap the backward needs (``tools.kernel_sass`` compares them; docs/benchmarks.md has
+the timings). Mosaic GPU lowers no warp shuffle and no register cap, and has no scan rule: its
+backward would sum dB/dC through shared memory at every step.
 
 Forward: grid (state groups, D / BD, batch); a program walks the L steps of one sequence for BD
 channels. The training forward stores the fp32 state every ``ckpt_every`` steps, with the
@@ -87,18 +86,21 @@ _warned = set()
 
 def kernels_for(cfg) -> str:
   """The kernels that run a call: ``tuning.kernels``, except that the Triton kernels need
-  jax-triton off interpret mode; without it the Pallas-Triton kernels run (warned once)."""
+  jax-triton on a GPU and torch in interpret mode (Triton's interpreter); without them the
+  Pallas-Triton kernels run, with a warning (once) that says what to install."""
   choice = cfg.tuning.kernels
-  if choice == "triton" and not cfg.interpret:
-    from toppax.pallas_kernels import triton_scan
-    why = triton_scan.unavailable()
-    if why is not None:
-      if why not in _warned:
-        _warned.add(why)
-        log.warning("selective_scan: %s; running the Pallas-Triton kernels, which jax "
-                    "deprecates: pip install 'jax-triton>=0.3.1' (toppax[gpu])", why)
-      return "pallas_triton"
-  return choice
+  if choice != "triton":
+    return choice
+  from toppax.pallas_kernels import triton_scan
+  why = triton_scan.interpreter_unavailable() if cfg.interpret else triton_scan.unavailable()
+  if why is None:
+    return choice
+  if why not in _warned:
+    _warned.add(why)
+    fix = "pip install torch" if cfg.interpret else "pip install 'jax-triton>=0.3.1' (toppax[gpu])"
+    log.warning("selective_scan: %s; running the Pallas-Triton kernels instead, which jax "
+                "deprecates: %s", why, fix)
+  return "pallas_triton"
 
 
 def _launch(cfg, st, xs, out_shapes, args, num_warps):
@@ -129,6 +131,36 @@ def _total(st, out, like):
   return out if st.groups == 1 else out.sum(0).astype(like.dtype)
 
 
+def forward_static(cfg, args, save) -> Static:
+  """The forward kernel's static configuration for a call (only shapes of ``args`` are read)."""
+  tuning = cfg.tuning
+  batch, _, dim = args.u.shape
+  n_all = _pow2(args.A.shape[1])
+  wide = batch * dim >= WIDE_CHANNELS
+  return _static(cfg, args, "fwd", n_all, _states(tuning.fwd_states, n_all)[0],
+                 block_d=min(tuning.block_d or (64 if wide else 32), _pow2(dim)),
+                 chunk=tuning.ckpt_every if save else tuning.fwd_chunk, save=save,
+                 rows_ahead=tuning.rows_ahead or (2 if wide else 4), bc_ahead=tuning.bc_ahead,
+                 maxnreg=tuning.maxnreg)
+
+
+def backward_static(cfg, args) -> Static:
+  """The backward kernel's static configuration for a call (only shapes of ``args`` are read).
+  The checkpoints were written with the forward's block_d and state groups; any block_d and
+  groups read them (D is the checkpoints' last axis, N the one before), so the backward picks
+  its own: one channel per thread, since the shuffles need whole warps."""
+  tuning = cfg.tuning
+  n_all = _pow2(args.A.shape[1])
+  chunk, sub, warps = tuning.ckpt_every, tuning.bwd_chunk, tuning.bwd_num_warps
+  if sub is None:
+    # The default sub-chunk applies where it divides the checkpoint interval; an interval it
+    # does not divide (ckpt_every=3) is processed whole.
+    sub = BWD_SUB_CHUNK if chunk % BWD_SUB_CHUNK == 0 else chunk
+  return _static(cfg, args, "bwd", n_all, _states(tuning.bwd_states, n_all)[0],
+                 block_d=32 * warps, chunk=chunk, sub=sub, warps=warps,
+                 maxnreg=tuning.bwd_maxnreg)
+
+
 def forward(cfg, args, save):
   """(y, checkpoints or None) of the scan; ``save``: the training forward, which also stores
   the state every ``ckpt_every`` steps for the backward."""
@@ -139,43 +171,23 @@ def forward(cfg, args, save):
       mgpu_scan = None
     if mgpu_scan is not None and mgpu_scan.usable(cfg, args):
       return mgpu_scan.forward(cfg, args), None
-  tuning = cfg.tuning
-  batch, length, dim = args.u.shape
+  st = forward_static(cfg, args, save)
   at, B, C, n_all = _padded_state(args)
-  n, _ = _states(tuning.fwd_states, n_all)
-  wide = batch * dim >= WIDE_CHANNELS
-  st = _static(cfg, args, "fwd", n_all, n,
-               block_d=min(tuning.block_d or (64 if wide else 32), _pow2(dim)),
-               chunk=tuning.ckpt_every if save else tuning.fwd_chunk, save=save,
-               rows_ahead=tuning.rows_ahead or (2 if wide else 4), bc_ahead=tuning.bc_ahead,
-               maxnreg=tuning.maxnreg)
   out_shapes = [_per_channel(st, args.u)]
   if save:
-    n_ck = max(length // st.chunk, 1)
-    out_shapes.append(jax.ShapeDtypeStruct((batch, n_ck, n_all, dim), jnp.float32))
-  outs = _launch(cfg, st, _inputs(cfg, args, at, B, C), out_shapes, args, tuning.num_warps)
+    out_shapes.append(jax.ShapeDtypeStruct(
+        (st.batch, max(st.length // st.chunk, 1), n_all, st.dim), jnp.float32))
+  outs = _launch(cfg, st, _inputs(cfg, args, at, B, C), out_shapes, args, cfg.tuning.num_warps)
   return _total(st, outs[0], args.u), (outs[1] if save else None)
 
 
 def backward(cfg, args, ckpt, dy):
   """The cotangents of every input (``ScanArgs``) from the checkpoints and dy."""
-  tuning = cfg.tuning
+  st = backward_static(cfg, args)
   batch, length, dim = args.u.shape
   n_orig = args.A.shape[1]
   at, B, C, n_all = _padded_state(args)
-  n, _ = _states(tuning.bwd_states, n_all)
-  chunk = tuning.ckpt_every
-  sub = tuning.bwd_chunk
-  if sub is None:
-    # The default sub-chunk applies where it divides the checkpoint interval; an interval it
-    # does not divide (ckpt_every=3) is processed whole.
-    sub = BWD_SUB_CHUNK if chunk % BWD_SUB_CHUNK == 0 else chunk
-  # The checkpoints were written with the forward's block_d and state groups; any block_d and
-  # groups read them (D is the checkpoints' last axis, N the one before), so the backward
-  # picks its own: one channel per thread, since the shuffles need whole warps.
-  warps = tuning.bwd_num_warps
-  st = _static(cfg, args, "bwd", n_all, n, block_d=32 * warps, chunk=chunk, sub=sub,
-               warps=warps, maxnreg=tuning.bwd_maxnreg)
+  warps = st.warps
   f32 = jnp.float32
   seq_outs = [args.u, args.delta] + ([args.z] if cfg.has_z else [])   # du, dΔ (, dz)
   n_part = -(-dim // st.block_d) * warps                              # dB, dC: one per warp

@@ -49,6 +49,16 @@ def unavailable() -> str | None:
   return _load()[1]
 
 
+def interpreter_unavailable() -> str | None:
+  """None if Triton's interpreter can run the kernels here (it needs triton and torch)."""
+  try:
+    import torch  # noqa: F401
+    import triton  # noqa: F401
+  except ImportError as e:
+    return f"Triton's interpreter is not usable here ({e})"
+  return None
+
+
 def cap_installed():
   """Whether the register-cap lowering is in place (None before the first capped kernel)."""
   return _cap_installed
@@ -114,18 +124,8 @@ def call(st, inputs, out_shapes, num_warps):
   return [vary(o, axes) for o in outs] if axes else list(outs)
 
 
-def _torch():
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError("interpret=True runs the Triton scan kernels in Triton's interpreter, "
-                      "which needs torch (pip install torch); or pass "
-                      "tuning={'kernels': 'pallas_triton'} for Pallas' interpreter") from e
-  return torch
-
-
 def _interpret(st, grid, inputs, out_shapes):
-  torch = _torch()
+  import torch
   from triton.runtime.interpreter import InterpretedFunction
 
   def to_torch(a):

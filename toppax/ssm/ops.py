@@ -155,7 +155,7 @@ def _kernel_impl(kernels, platforms, u, delta, A, B, C, D, z, delta_bias, *, del
 
 
 def _load_pallas_gpu():
-  from toppax.pallas_kernels import gpu_scan   # imports Pallas' Triton and Mosaic GPU backends
+  from toppax.pallas_kernels import gpu_scan   # imports jax only; kernels load on first call
   return functools.partial(_kernel_impl, gpu_scan.KERNELS, _PLATFORMS["pallas_gpu"])
 
 

@@ -232,6 +232,20 @@ def _check_args(parser, a):
       parser.error(f"--dtypes: {name!r} is not one of float32, bfloat16")
   if a.batch < 1 or a.length < 1 or a.copy_mib < 1:
     parser.error("--batch, --length and --copy-mib must be positive")
+  if a.tunings:
+    try:
+      a.tunings = json.loads(a.tunings)
+    except json.JSONDecodeError as e:
+      parser.error(f"--tunings is not JSON ({e})")
+    if not isinstance(a.tunings, dict) or not all(isinstance(v, dict) for v in a.tunings.values()):
+      parser.error("--tunings must be a JSON object of {label: {tuning field: value}}")
+    if a.impl != "pallas_gpu":
+      parser.error("--tunings applies to --impl pallas_gpu")
+    for label, t in a.tunings.items():
+      try:
+        GpuTuning.of(t, "pallas_gpu")
+      except (TypeError, ValueError) as e:
+        parser.error(f"--tunings {label}: {e}")
 
 
 def main(argv=None):
@@ -245,6 +259,10 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--length", type=int, default=197)
   p.add_argument("--sweep", action="store_true", help="time tuning variants first, use the best")
+  p.add_argument("--tunings", default="",
+                 help="JSON object {label: tuning fields}: time the Pallas implementation once "
+                      "per entry, side by side (rows named impl[label]), e.g. "
+                      "'{\"triton\": {}, \"pallas_triton\": {\"kernels\": \"pallas_triton\"}}'")
   p.add_argument("--slow-shapes", default=",".join(SHAPES),
                  help="shapes at which to time the reference (lax.scan) forward+backward")
   p.add_argument("--breakdown", action="store_true",
@@ -283,15 +301,21 @@ def main(argv=None):
     tuning = dataclasses.asdict(GpuTuning(**{**best_f, **best_b}))
     result["sweep"] = dict(fwd=fw, fwd_bwd=bw_rows, chosen=tuning)
     print("chosen tuning:", tuning, flush=True)
-  kw = {} if tuning is None else dict(tuning=tuning)
-
+  # (row name, implementation, its keyword arguments) of the timed kernel: once, or once per
+  # labelled tuning (on top of the sweep's choice). xla and reference are timed beside it.
+  labelled = a.tunings.items() if a.tunings else [(None, None)]
+  variants = [(a.impl if label is None else f"{a.impl}[{label}]", a.impl,
+               {} if tuning is None and t is None else dict(tuning={**(tuning or {}), **(t or {})}))
+              for label, t in labelled]
+  if a.impl in ("xla", "reference"):
+    variants = []
   for dname in a.dtypes.split(","):
     dtype = jnp.dtype(dname)
-    for impl in dict.fromkeys(("xla", a.impl)):
+    for name, impl, kw_ in [("xla", "xla", {})] + variants:
       errs, finite = accuracy(impl, dtype, SHAPES["ViM-S"], batch=result["accuracy_batch"],
-                              length=a.length, **(kw if impl == a.impl else {}))
-      result["accuracy"][f"{impl}/{dname}"] = dict(errors=errs, finite=finite)
-      print(f"accuracy {impl} {dname} (ViM-S shape, batch {result['accuracy_batch']}, "
+                              length=a.length, **kw_)
+      result["accuracy"][f"{name}/{dname}"] = dict(errors=errs, finite=finite)
+      print(f"accuracy {name} {dname} (ViM-S shape, batch {result['accuracy_batch']}, "
             "vs float64 lax.scan): "
             f"max rel {max(errs.values()):.2e} finite={finite} "
             + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
@@ -307,39 +331,42 @@ def main(argv=None):
         base = None
         nbytes = floor_bytes(a.batch, a.length, dim, n, dtype, mode)
         floor_ms = nbytes / bw * 1e3
-        for impl in dict.fromkeys(("xla", "reference", a.impl)):
+        for name, impl, kw_ in [("xla", "xla", {}), ("reference", "reference", {})] + variants:
           if impl == "reference" and mode == "fwd+bwd" and shape not in a.slow_shapes.split(","):
             continue
-          f = scan_fn(impl, **(kw if impl == a.impl else {}))
+          f = scan_fn(impl, **kw_)
           try:
             ms = (timeit(jax.jit(f), *args) if mode == "fwd" else
                   timeit(jax.jit(fwd_bwd(f)), args, ct))
           except Exception as e:
-            print(f"{shape} {dname} {mode} {impl} failed: {type(e).__name__}: {e}", flush=True)
+            print(f"{shape} {dname} {mode} {name} failed: {type(e).__name__}: {e}", flush=True)
             continue
           if impl == "xla":
             base = ms
-          row = dict(shape=shape, D=dim, dtype=dname, mode=mode, impl=impl, ms=ms,
+          row = dict(shape=shape, D=dim, dtype=dname, mode=mode, impl=name, ms=ms,
                      GBps=nbytes / (ms * 1e-3) / 1e9, x_floor=ms / floor_ms,
                      speedup_vs_assoc=(base / ms) if base else None, floor_ms=floor_ms)
           result["rows"].append(row)
           write(a.out, result)   # after every row, so a run cut short keeps what it measured
-          print(f"{shape:6s} {dname:8s} {mode:7s} {impl:10s} {ms:8.3f} ms  "
+          print(f"{shape:6s} {dname:8s} {mode:7s} {name:10s} {ms:8.3f} ms  "
                 f"{row['GBps']:7.0f} GB/s  {row['x_floor']:6.2f}x floor  "
                 f"{(base / ms) if base else float('nan'):6.1f}x vs assoc", flush=True)
         if a.breakdown:
-          fn = scan_fn(a.impl, **kw)
-          try:
-            rows, source = (kernel_breakdown(jax.jit(fn), *args) if mode == "fwd" else
-                            kernel_breakdown(jax.jit(fwd_bwd(fn)), args, ct))
-          except Exception as e:
-            print(f"{shape} {dname} {mode} breakdown failed: {type(e).__name__}: {e}", flush=True)
-            continue
-          result["breakdown"][f"{shape}/{dname}/{mode}"] = dict(source=source, kernels=[
-              dict(name=k, us_per_call=us, launches_per_call=c) for k, us, c in rows])
-          write(a.out, result)
-          print(f"  {a.impl} {mode} kernels ({source}): " + ", ".join(
-              f"{k} {us:.1f} us" for k, us, _ in rows[:6]), flush=True)
+          for name, impl, kw_ in variants or [(a.impl, a.impl, {})]:
+            fn = scan_fn(impl, **kw_)
+            try:
+              rows, source = (kernel_breakdown(jax.jit(fn), *args) if mode == "fwd" else
+                              kernel_breakdown(jax.jit(fwd_bwd(fn)), args, ct))
+            except Exception as e:
+              print(f"{shape} {dname} {mode} {name} breakdown failed: {type(e).__name__}: {e}",
+                    flush=True)
+              continue
+            key = f"{shape}/{dname}/{mode}" + ("" if name == a.impl else f"/{name}")
+            result["breakdown"][key] = dict(source=source, impl=name, kernels=[
+                dict(name=k, us_per_call=us, launches_per_call=c) for k, us, c in rows])
+            write(a.out, result)
+            print(f"  {name} {mode} kernels ({source}): " + ", ".join(
+                f"{k} {us:.1f} us" for k, us, _ in rows[:6]), flush=True)
 
   print(write(a.out, result))
 

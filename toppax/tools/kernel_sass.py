@@ -1,30 +1,34 @@
-"""Static instruction counts of the Triton-lowered scan kernels, without a GPU.
+"""Static instruction counts of the GPU scan kernels, without a GPU.
 
   python -m toppax.tools.kernel_sass                      # ViM-S, fp32, the default GpuTuning
   python -m toppax.tools.kernel_sass --tuning '{"ckpt_every": 2}' --sweep --out /tmp/sass
+  python -m toppax.tools.kernel_sass --kernels triton,pallas_triton   # both kernel sets
 
-Exports the ``pallas_gpu`` forward+backward for CUDA (as the CPU tests do), takes the Triton IR
-that Pallas hands to XLA for each kernel (the training forward and the backward), compiles it
-with the ``triton`` package for an sm_90 target and disassembles it with the ``cuobjdump`` that
-the triton wheel ships. It prints, per kernel: registers, stack bytes (register spills), the
-SASS instructions of the kernel and of its main loop (the largest backward branch), those per
-scan step (the loop walks ``ckpt_every`` steps), spill instructions (LDL/STL) and the most
-frequent opcodes. ``--sweep`` does this for ``bench_scan.BWD_VARIANTS``.
+Compiles the training forward and the backward of ``pallas_gpu`` for an sm_90 target with the
+``triton`` package and disassembles them with the ``cuobjdump`` that the triton wheel ships.
+The Triton kernels (``--kernels triton``, the default) are compiled from their source as
+jax-triton compiles them (FP fusion on, one stage, the register cap as Triton's ``maxnreg``);
+the Pallas-Triton kernels (``pallas_triton``) from the Triton IR that Pallas hands to XLA, taken
+from a CUDA export of the forward+backward (as the CPU tests do), with FP fusion off as XLA
+compiles them. It prints, per kernel: registers, stack bytes (register spills), the SASS
+instructions of the kernel and of its main loop (the largest backward branch), those per scan
+step (the loop walks ``ckpt_every`` steps), spill instructions (LDL/STL) and the most frequent
+opcodes. ``--sweep`` does this for ``bench_scan.BWD_VARIANTS``.
 
 Use it to compare variants with each other before a GPU is at hand, and to check that a change
 to the kernels' code leaves their SASS as it was. It does not predict time: occupancy, latency
 and the spills' memory traffic are not modelled, and variants with fewer instructions have
 measured no faster (docs/benchmarks.md); timings come only from ``bench_scan`` on a GPU. XLA
-compiles these kernels with its own Triton build and with floating-point contraction off; this
-tool compiles with Triton's ``enable_fp_fusion`` off too, so that its counts match what runs
-(the FFMAs come from the kernels' explicit ``fma.rn``, ``ptx.FastMath.fma``). Needs
-``pip install triton`` (CPU wheels carry the compiler and ptxas; no GPU or CUDA toolkit).
+compiles the Pallas-Triton kernels with its own Triton build and with floating-point contraction
+off (their FFMAs come from explicit ``fma.rn``, ``ptx.FastMath.fma``). Needs ``pip install
+triton`` (CPU wheels carry the compiler and ptxas; no GPU or CUDA toolkit).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -37,7 +41,7 @@ import jax
 from jax import export
 import jax.numpy as jnp
 
-from toppax.pallas_kernels import register_cap
+from toppax.pallas_kernels import gpu_scan, register_cap, scan_call, triton_kernels
 from toppax.pallas_kernels.tuning import GpuTuning
 from toppax.ssm import ops
 
@@ -88,7 +92,9 @@ def gpu_target():
 
 
 def triton_ir(tuning, dim=768, batch=128, length=197, n=16, dtype=jnp.float32, with_z=True):
-  """Triton IR of the training forward and the backward at one scan shape (ViM's options)."""
+  """Triton IR of the Pallas-Triton training forward and backward at one scan shape (ViM's
+  options)."""
+  tuning = dataclasses.replace(GpuTuning.of(tuning, "pallas_gpu"), kernels="pallas_triton")
   fn = ops.get_implementation("pallas_gpu")
 
   def grad(u, delta, A, B, C, D, z, bias):
@@ -125,18 +131,47 @@ def _opcode(text):
   return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 
 
-def count(name, ir, num_warps, steps_per_iteration, arch=90, workdir=None):
-  """Registers, spills and instruction counts of one kernel's Triton IR, compiled for sm_<arch>."""
-  triton, GPUTarget, bin_dir = _triton()
-  with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-    path = os.path.join(tmp, f"{name}.ttir")
+def compile_pallas_ir(ir, num_warps, arch=90):
+  """A Pallas kernel's Triton IR compiled for sm_<arch> (``triton.compile``'s kernel)."""
+  triton, GPUTarget, _ = _triton()
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "kernel.ttir")
     with open(path, "w") as f:
       f.write(ir)
     # FP fusion off, as XLA compiles these kernels: with it off, this compile of the backward
     # has the SASS instruction count that Nsight Compute lists for XLA's build on an H100.
-    kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=num_warps, num_stages=1,
-                                         enable_fp_fusion=False))
+    return triton.compile(path, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=1,
+                                       enable_fp_fusion=False))
+
+
+def compile_triton_kernel(st, dtype, num_warps, arch=90):
+  """A Triton kernel (``triton_kernels.Static``) compiled for sm_<arch> with jax-triton's
+  options: 16-byte aligned pointers, one stage, FP fusion on, ``maxnreg`` the kernel's cap."""
+  triton, GPUTarget, _ = _triton()
+  from triton.compiler import ASTSource
+  fn = triton_kernels.jit_kernel(st)
+  seq = {"bfloat16": "*bf16", "float32": "*fp32"}[jnp.dtype(dtype).name]
+  signature = {}
+  for name in fn.arg_names:
+    if name in ("u", "delta", "z", "B", "C", "dy"):
+      signature[name] = seq
+    elif name in ("y", "du", "ddelta", "dz"):
+      signature[name] = seq if st.groups == 1 else "*fp32"
+    else:
+      signature[name] = "*fp32"
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(signature))}
+  options = dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=True)
+  if st.maxnreg is not None:
+    options["maxnreg"] = st.maxnreg
+  return triton.compile(ASTSource(fn, signature, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                        options=options)
+
+
+def count(name, kernel, steps_per_iteration, workdir=None):
+  """Registers, spills and instruction counts of one compiled kernel (``compile_*``)."""
+  _, _, bin_dir = _triton()
+  with tempfile.TemporaryDirectory(dir=workdir) as tmp:
     cubin = os.path.join(tmp, f"{name}.cubin")
     with open(cubin, "wb") as f:
       f.write(kernel.asm["cubin"])
@@ -152,24 +187,48 @@ def count(name, ir, num_warps, steps_per_iteration, arch=90, workdir=None):
               spill_ops=ops_["LDL"] + ops_["STL"], opcodes=dict(ops_.most_common(16)))
 
 
-def analyse(tuning=None, shape="ViM-S", batch=128, dtype="float32", arch=90, states=16):
-  """``count`` of both kernels at one ViM scan shape; ``tuning``: a dict of GpuTuning fields."""
-  full = GpuTuning.of(tuning, "pallas_gpu")
+def triton_statics(tuning, dim=768, batch=128, length=197, n=16, dtype=jnp.float32):
+  """The Triton kernels' static configurations (training forward, backward) at one scan shape
+  with ViM's options (D, z, delta_bias, softplus, no gaps)."""
+  S = jax.ShapeDtypeStruct
+  seq = S((batch, length, dim), dtype)
+  args = scan_call.ScanArgs(seq, seq, S((dim, n), jnp.float32), S((batch, length, n), dtype),
+                            S((batch, length, n), dtype), S((dim,), jnp.float32), seq,
+                            S((dim,), jnp.float32), None)
+  cfg = scan_call.ScanConfig(delta_softplus=True, reverse=False, gap_delta=None, has_z=True,
+                             interpret=False, tuning=tuning)
+  return [gpu_scan.forward_static(cfg, args, True), gpu_scan.backward_static(cfg, args)]
+
+
+def analyse(tuning=None, shape="ViM-S", batch=128, dtype="float32", arch=90, states=16,
+            kernels="triton"):
+  """``count`` of both kernels at one ViM scan shape; ``tuning``: a dict of GpuTuning fields;
+  ``kernels``: "triton" or "pallas_triton"."""
+  full = GpuTuning.of(dict(tuning or {}, kernels=kernels), "pallas_gpu")
   dim = SHAPES[shape]
-  modules = triton_ir(full, dim=dim, batch=batch, n=states, dtype=jnp.dtype(dtype))
   rows = []
+  if kernels == "triton":
+    for st in triton_statics(full, dim=dim, batch=batch, n=states, dtype=jnp.dtype(dtype)):
+      warps = st.warps if st.kind == "bwd" else full.num_warps
+      kernel = compile_triton_kernel(st, dtype, warps, arch)
+      rows.append(dict(count(triton_kernels.KERNEL_NAMES[st.kind], kernel, full.ckpt_every),
+                       tuning=tuning or {}, kernels=kernels))
+    return rows
+  modules = triton_ir(full, dim=dim, batch=batch, n=states, dtype=jnp.dtype(dtype))
   for name, ir in sorted(modules.items()):
     warps = full.bwd_num_warps if "bwd" in name else full.num_warps
-    rows.append(dict(count(name, ir, warps, full.ckpt_every, arch=arch), tuning=tuning or {}))
+    rows.append(dict(count(name, compile_pallas_ir(ir, warps, arch), full.ckpt_every),
+                     tuning=tuning or {}, kernels=kernels))
   return rows
 
 
 def markdown(rows):
-  out = ["| tuning | kernel | registers | stack B | instructions | loop | per step | spill ops "
-         "| top opcodes in the loop |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+  out = ["| kernels | tuning | kernel | registers | stack B | instructions | loop | per step "
+         "| spill ops | top opcodes in the loop |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
   for r in rows:
     ops_ = ", ".join(f"{k} {v}" for k, v in list(r["opcodes"].items())[:8])
-    out.append(f"| `{json.dumps(r['tuning'], sort_keys=True)}` | {r['kernel']} | {r['registers']} "
+    out.append(f"| {r.get('kernels', 'pallas_triton')} | `{json.dumps(r['tuning'], sort_keys=True)}` "
+               f"| {r['kernel']} | {r['registers']} "
                f"| {r['stack_bytes']} | {r['instructions']} | {r['loop']} | {r['per_step']} "
                f"| {r['spill_ops']} | {ops_} |")
   return "\n".join(out) + "\n"
@@ -194,6 +253,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--states", type=int, default=16, help="N, the SSM state size (ViM: 16)")
   p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+  p.add_argument("--kernels", default="triton",
+                 help="comma-separated kernel sets: triton (jax-triton), pallas_triton")
   p.add_argument("--out", help="folder for kernel_sass.json and kernel_sass.md")
   a = p.parse_args(argv)
   try:
@@ -208,15 +269,20 @@ def main(argv=None):
     p.error(f"--tuning: {e}")
   if a.states < 1 or a.batch < 1:
     p.error("--states and --batch must be positive")
+  kernel_sets = a.kernels.split(",")
+  bad = [k for k in kernel_sets if k not in ("triton", "pallas_triton")]
+  if bad or not kernel_sets:
+    p.error(f"--kernels: unknown {bad}; choose from triton, pallas_triton")
   _triton()
   variants = [tuning]
   if a.sweep:
     from toppax.tools.bench_scan import BWD_VARIANTS
     variants += [dict(tuning, **v) for v in BWD_VARIANTS]
   rows = []
-  for i, v in enumerate(variants):
-    print(f"[{i + 1}/{len(variants)}] {json.dumps(v, sort_keys=True)}", flush=True)
-    for r in analyse(v, a.shape, a.batch, a.dtype, a.arch, a.states):
+  runs = [(k, v) for k in kernel_sets for v in variants]
+  for i, (k, v) in enumerate(runs):
+    print(f"[{i + 1}/{len(runs)}] {k} {json.dumps(v, sort_keys=True)}", flush=True)
+    for r in analyse(v, a.shape, a.batch, a.dtype, a.arch, a.states, kernels=k):
       rows.append(r)
       print(f"    {r['kernel']}: {r['registers']} registers, {r['stack_bytes']} B stack, "
             f"{r['per_step']} instructions per step ({r['loop']} per loop of "
