@@ -288,3 +288,22 @@ def test_interpreter_values_match_reference_and_pallas(case):
     assert np.all(np.isfinite(a32)), name                  # the interpreter's outputs start NaN
     assert scan_utils.rel(a32, r) < tol, name
     assert scan_utils.rel(a32, b32) < (2e-6 if dtype == jnp.float32 else 5e-3), name
+
+
+def test_jax_triton_call_under_vmap_runs_per_element(jax_triton_on_cpu):
+  # jax-triton has no batching rule; triton_scan runs the calls one element after another.
+  fn = get_implementation("pallas_gpu")
+
+  def loss(u, B, C, A):
+    y = fn(u, u, A, B, C, None, None, None, delta_softplus=True, reverse=False, gaps=None,
+           gap_delta="prev", interpret=False, check_lowering=False)
+    return jnp.sum(y)
+
+  S = jax.ShapeDtypeStruct
+  b, length, dim, n = 2, 9, 32, 4
+  f = jax.vmap(jax.grad(loss, argnums=(0, 3)), in_axes=(0, 0, 0, None))
+  args = [S((3, b, length, dim), jnp.float32), S((3, b, length, n), jnp.float32),
+          S((3, b, length, n), jnp.float32), S((dim, n), jnp.float32)]
+  exp = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=_DISABLED)(*args)
+  assert [o.shape for o in exp.out_avals] == [(3, b, length, dim), (3, dim, n)]
+  assert exp.mlir_module().count("triton_kernel_call") >= 2

@@ -115,9 +115,13 @@ def call(st, inputs, out_shapes, num_warps):
                          "pip install 'jax-triton>=0.3.1' (toppax[gpu])")
     if st.maxnreg is not None:
       install_register_cap()
-    outs = jt.triton_call(*inputs, kernel=jit_kernel(st), out_shape=list(out_shapes), grid=grid,
-                          num_warps=num_warps, num_stages=1, name=KERNEL_NAMES[st.kind],
-                          enable_fp_fusion=True)
+    # jax-triton has no batching rule: under jax.vmap the calls run one after another.
+    @jax.custom_batching.sequential_vmap
+    def launch(*xs):
+      return tuple(jt.triton_call(*xs, kernel=jit_kernel(st), out_shape=list(out_shapes),
+                                  grid=grid, num_warps=num_warps, num_stages=1,
+                                  name=KERNEL_NAMES[st.kind], enable_fp_fusion=True))
+    outs = launch(*inputs)
   # jax-triton's outputs carry no varying mesh axes; inside a checked shard_map they vary as
   # the inputs do (scan_call.varying_like made every input vary alike).
   axes = varying_axes(*inputs)
