@@ -14,6 +14,7 @@ Values on a GPU: tests/test_scan_kernels.py with --run-gpu.
 import dataclasses
 import functools
 import logging
+import os
 import sys
 import warnings
 
@@ -131,8 +132,13 @@ def jax_triton_on_cpu(monkeypatch):
   for m in stale:
     monkeypatch.delitem(sys.modules, m)
   triton_scan._load.cache_clear()
+  cache_dir = os.environ.get("TRITON_CACHE_DIR")   # jax-triton's import empties it
   yield runtime
   triton_scan._load.cache_clear()
+  if cache_dir is None:
+    os.environ.pop("TRITON_CACHE_DIR", None)
+  else:
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
   for m in [m for m in sys.modules if m == "jax_triton" or m.startswith("jax_triton.")]:
     del sys.modules[m]
 
