@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp

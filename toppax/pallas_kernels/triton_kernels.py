@@ -103,7 +103,7 @@ class Block:
     self.src, self.st = src, st
     self.group = src.let("tl.program_id(0)")
     self.col = src.let(f"tl.program_id(1) * {st.block_d}")
-    self.batch = src.let(f"tl.program_id(2).to(tl.int64)")
+    self.batch = src.let("tl.program_id(2).to(tl.int64)")
     self.offs = src.let(f"tl.arange(0, {st.block_d})")
     self.mask = None
     if st.dim % st.block_d:
