@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,9 @@ from toppax.pallas_kernels.triton_kernels import KERNEL_NAMES, jit_kernel, pytho
 log = logging.getLogger(__name__)
 
 _cap_installed = None                   # None: not tried yet; then True / False
+# Triton's interpreter keeps the program id in module state and rewrites kernels' ASTs: one run
+# at a time (devices of a shard_map call their callbacks from several threads).
+_interpreter_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -148,7 +152,8 @@ def _interpret(st, grid, inputs, out_shapes):
     ins = [to_torch(a) for a in arrays]
     # NaN everywhere first, so that an element the kernel does not write shows in the tests.
     outs = [to_torch(np.full(s.shape, np.nan, s.dtype)) for s in out_shapes]
-    kernel[grid](*ins, *outs)
+    with _interpreter_lock:
+      kernel[grid](*ins, *outs)
     return tuple(to_numpy(o, s.dtype) for o, s in zip(outs, out_shapes))
 
   structs = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shapes)
