@@ -293,7 +293,7 @@ def test_interpreter_values_match_reference_and_pallas(case):
     a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.all(np.isfinite(a32)), name                  # the interpreter's outputs start NaN
     assert scan_utils.rel(a32, r) < tol, name
-    assert scan_utils.rel(a32, b32) < (2e-6 if dtype == jnp.float32 else 5e-3), name
+    assert scan_utils.rel(a32, b32) < (2e-6 if dtype == jnp.float32 else 1e-2), name  # bf16 ulps
 
 
 def test_jax_triton_call_under_vmap_runs_per_element(jax_triton_on_cpu):
