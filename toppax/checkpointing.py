@@ -439,9 +439,11 @@ def _read_converted(where: str, sharding):
 
 
 def load_params(path: str, abstract_params, *, use_ema: bool = True, sharding=None,
-                config=None):
+                config=None, abstract_stats=None):
   """Parameters from a toppax directory: a training workdir (its latest checkpoint; the EMA
-  copy when kept and ``use_ema``) or a ``--mode=convert`` output. Returns ``(params, what)``.
+  copy when kept and ``use_ema``) or a ``--mode=convert`` output. Returns ``(params, what)``,
+  or ``(params, stats, what)`` when ``abstract_stats`` (the pure dict of the model's BatchNorm
+  statistics, ``toppax.factory.batch_stats``) asks for the stored statistics too.
 
   ``abstract_params`` (ShapeDtypeStructs of the configured model) is checked against what is
   stored; a mismatch raises CheckpointError listing the paths. Pruning does not change any
@@ -515,4 +517,13 @@ def load_params(path: str, abstract_params, *, use_ema: bool = True, sharding=No
   params = jax.tree.unflatten(jax.tree.structure(abstract_params),
                               [_flatten(params)[k] for k in _flatten(abstract_params)])
   jax.block_until_ready(params)
-  return params, what
+  if abstract_stats is None:
+    return params, what
+  stored = _flatten(out.get("rngs") or {})
+  want = _flatten(abstract_stats)
+  missing = [k for k in want if k not in stored or tuple(stored[k].shape) != tuple(want[k].shape)]
+  if missing:
+    raise CheckpointError(f"{what}: the BatchNorm statistics {_shown(missing)} are not stored "
+                          "there; start from a checkpoint of this model")
+  stats = jax.tree.unflatten(jax.tree.structure(abstract_stats), [stored[k] for k in want])
+  return params, stats, what

@@ -19,7 +19,8 @@ from toppax import checkpointing, convert, models, segmentation, sharding
 from toppax.pruning import PruneConfig
 
 # Model fields that change compute but not parameter shapes (not passed to the FLOPs counter).
-RUNTIME_FIELDS = ("drop_path_rate", "drop_rate", "dtype", "scan_implementation", "scan_layers")
+RUNTIME_FIELDS = ("drop_path_rate", "drop_rate", "dtype", "scan_implementation", "scan_layers",
+                  "remat")
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -172,16 +173,39 @@ def fresh_rngs(config, sharding_):
                  out_shardings=sharding_)()
 
 
+def batch_stats(config) -> dict:
+  """The pure dict (ShapeDtypeStructs) of the model's BatchNorm running statistics, laid out as
+  in the non-parameter state (``rngs``); empty for models without BatchNorm (ViM)."""
+  abstract = nnx.eval_shape(lambda: create_model(config))
+  return nnx.to_pure_dict(nnx.state(abstract, nnx.BatchStat))
+
+
+def with_stats(rngs: dict, stats: dict) -> dict:
+  """``rngs`` (a non-parameter state pure dict) with its leaves at the paths of ``stats``
+  replaced by those of ``stats`` (BatchNorm statistics)."""
+  if not isinstance(stats, dict):
+    return stats
+  out = dict(rngs)
+  for k, v in stats.items():
+    out[k] = with_stats(rngs[k], v)
+  return out
+
+
 def load_init_params(config, defs: ModelDefs, sharding_):
   """(params, rngs) of ``config.init_from``: a toppax workdir (its latest checkpoint, EMA copy
   when ``config.eval_ema``; or a ``--mode=convert`` output) or an official .pth/.npz state dict
-  (toppax.convert.from_torch). The model's RNG streams start fresh from ``config.seed``."""
+  (toppax.convert.from_torch). The model's RNG streams start fresh from ``config.seed``; its
+  BatchNorm running statistics come from the checkpoint."""
   if checkpointing.is_toppax_dir(config.init_from):
-    params, what = checkpointing.load_params(config.init_from, defs.params,
-                                             use_ema=bool(config.eval_ema), sharding=sharding_,
-                                             config=config)
+    stats = batch_stats(config)
+    kw = dict(use_ema=bool(config.eval_ema), sharding=sharding_, config=config)
+    if stats:
+      params, stats, what = checkpointing.load_params(config.init_from, defs.params,
+                                                      abstract_stats=stats, **kw)
+    else:
+      params, what = checkpointing.load_params(config.init_from, defs.params, **kw)
     logging.info("initialised from the %s", what)
-    return params, fresh_rngs(config, sharding_)
+    return params, with_stats(fresh_rngs(config, sharding_), stats)
   if is_segmentation(config):
     from toppax.convert import segmentation as seg_convert
     sd = convert.load_state_dict(config.init_from)

@@ -256,8 +256,9 @@ def make_seg_source(data_config, split: str):
                            data_config.train_split if train else data_config.eval_split,
                            data_config.get("data_dir", None))
   elif src == "seg_digits":
-    source = seg_synthetic.SegDigitsSource("train" if train else "validation",
-                                           size=size or 64, num=count)
+    source = seg_synthetic.SegDigitsSource(
+        "train" if train else "validation", size=size or 64, num=count,
+        digit_size=tuple(data_config.get("digit_size", None) or (0.25, 0.5)))
   elif src == "cifar_scenes":
     source = seg_synthetic.CifarScenesSource(root, "train" if train else "validation",
                                              size=size or 128, num=count)

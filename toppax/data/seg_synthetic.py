@@ -3,7 +3,8 @@
 ``SegDigitsSource``: scikit-learn's bundled digits (the same 80/20 split as DigitsSource) placed
 at random positions and scales on a ``size`` x ``size`` canvas. Scene i draws, from
 ``np.random.default_rng([seed, split, i])``: a dark background colour with mild noise, then 1 to
-``max_digits`` digits, each upscaled (bilinear) from 8x8 to a side in [size/4, size/2], placed
+``max_digits`` digits, each upscaled (bilinear) from 8x8 to a side in ``digit_size`` (fractions
+of the canvas, default [1/4, 1/2]), placed
 fully inside the canvas and tinted with a bright random colour. A pixel is labelled with the
 digit's class (0..9) where that digit's ink is at least 1/4 of full scale, else it keeps what
 was under it; background is class 10. Later digits cover earlier ones in image and label alike.
@@ -43,10 +44,15 @@ class SegDigitsSource:
   num_classes = len(DIGIT_CLASSES)
 
   def __init__(self, split: str, size: int = 64, num: int | None = None, max_digits: int = 3,
-               seed: int = 0):
+               seed: int = 0, digit_size: tuple[float, float] = (0.25, 0.5)):
     self.split_id = _split_id(split)
     self.digits = DigitsSource("train" if self.split_id == 0 else "test")
     self.side, self.max_digits, self.seed = size, max_digits, seed
+    lo, hi = (int(round(f * size)) for f in digit_size)
+    if not 4 <= lo <= hi <= size:
+      raise ValueError(f"digit_size {digit_size} gives digit sides {lo}..{hi} px on a {size} px "
+                       "canvas: give fractions with 4 px <= min <= max <= the canvas")
+    self.digit_sides = (lo, hi)
     self.num = num or (4096 if self.split_id == 0 else 512)
 
   def __len__(self):
@@ -63,7 +69,7 @@ class SegDigitsSource:
     label = np.full((n, n), BACKGROUND, np.uint8)
     for _ in range(int(rng.integers(1, self.max_digits + 1))):
       k = int(rng.integers(len(self.digits)))
-      side = int(rng.integers(n // 4, n // 2 + 1))
+      side = int(rng.integers(self.digit_sides[0], self.digit_sides[1] + 1))
       top, left = int(rng.integers(0, n - side + 1)), int(rng.integers(0, n - side + 1))
       ink = Image.fromarray(self.digits.images[k][..., 0]).resize((side, side), Image.BILINEAR)
       ink = np.asarray(ink, np.float32) / 255.0

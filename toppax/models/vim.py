@@ -18,6 +18,13 @@ from toppax.pruning import PruneConfig, TokenRestorer, Tokens, full_positions, p
 from toppax.ssm.mamba import BiMambaV2
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ViMConfig:
   img_size: int = 224
@@ -45,9 +52,15 @@ class ViMConfig:
   # Run runs of identical blocks as one lax.scan over stacked parameters: compiles each block
   # body (and its scan kernels) once instead of `depth` times. Numerically identical.
   scan_layers: bool = True
+  # Rematerialisation in training: "none" keeps every block's activations for the backward;
+  # "block" keeps only each block's inputs and recomputes the block in the backward (less
+  # memory, one more forward); "dots" keeps the matmul outputs and recomputes the rest.
+  remat: str = "none"
 
   def __post_init__(self):
     check_image_size(self.img_size, self.patch_size, self.stride)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     if self.rope and (self.cls_token or self.num_patches % 2):
       raise ValueError(f"rope=True needs an even number of patch tokens and no cls token (as "
                        f"Vim's segmentation backbone); got {self.num_patches} patches, "
@@ -343,6 +356,8 @@ class VisionMamba(nnx.Module):
       h, r, _ = layer(*carry, gaps_f=gaps_f, gaps_b=gaps_b, rope=rope)
       return (h, r), nnx.state(layer, nnx.RngState)  # advanced drop-path streams
 
+    if self.cfg.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
     (hidden, residual), rng_states = jax.lax.scan(body, (hidden, residual), stacked)
     for j, layer in enumerate(layers):
       nnx.update(layer, jax.tree.map(lambda x: x[j], rng_states))

@@ -78,7 +78,7 @@ def format_table(name: str, img_size=224, pruning=None, **overrides) -> str:
 
 
 _RUNTIME_FIELDS = ("name", "img_size", "drop_path_rate", "drop_rate", "dtype",
-                   "scan_implementation", "scan_layers")
+                   "scan_implementation", "scan_layers", "remat")
 
 
 def run(config: Any) -> str:
