@@ -14,7 +14,7 @@ For each seed in ``config.study.seeds``:
 Every finished entry goes to ``<workdir>/study-seed<S>.json`` at once (``-part<i>`` appended
 when ``config.study.part`` splits the work); a rerun (or a killed one) skips what is there, and
 the training runs resume from their checkpoints. Then ``study.json`` (every seed), ``study.md``
-(per-seed rows and means over seeds) and ``study.png`` (top-1 vs GFLOPs, zero-shot and
+(per-seed rows and means over seeds) and ``study.png`` (top-1 or mIoU vs GFLOPs, zero-shot and
 fine-tuned) are written next to them. All methods at one keep ratio keep the same
 number of tokens per stage; their GFLOPs (toppax.tools.flops) differ only by ToP's alignment
 decay and EViT's one fused token, and are reported per row.
@@ -89,13 +89,47 @@ def _finetune(config, dense_dir):
   return _with(config, init_from=dense_dir, num_epochs=s.finetune_epochs,
                total_steps=int(s.finetune_steps),
                lr=float(s.finetune_lr), min_lr=float(s.finetune_min_lr), warmup_epochs=0.0,
-               eval_every_epochs=0.0, ema_decay=float(s.finetune_ema_decay), compare=(),
+               warmup_steps=0, eval_every_epochs=0.0, eval_every_steps=0,
+               ema_decay=float(s.finetune_ema_decay), compare=(),
                **{"model.drop_path_rate": float(s.finetune_drop_path),
                   "checkpoint_every": 10**9, "keep_checkpoints": 1})
 
 
-def _top1(result):
-  return result.get("eval_ema/top1", result.get("eval/top1"))
+class _Task:
+  """What the study needs of a task: classification (top-1) or segmentation (mIoU)."""
+
+  def __init__(self, config):
+    self.segmentation = factory.is_segmentation(config)
+    self.metric = "mIoU" if self.segmentation else "top1"
+    self.label = "mIoU" if self.segmentation else "top-1"
+    if self.segmentation:
+      from toppax.segmentation import train as seg_train
+      self._seg = seg_train
+
+  def train(self, config, workdir) -> dict:
+    if self.segmentation:
+      return self._seg.train_and_evaluate(config, workdir)
+    return train.train_and_evaluate(config, workdir)
+
+  def eval_source(self, config):
+    if self.segmentation:
+      from toppax.data import seg_sources
+      return seg_sources.make_seg_source(config.data, "eval")
+    return input_pipeline.make_source(config.data, "eval")
+
+  def evaluate(self, config, defs, params, rngs, source, mesh) -> float:
+    if self.segmentation:
+      return self._seg.evaluate(config, defs.eval, params, rngs, source, mesh)["mIoU"]
+    return evaluate.evaluate(config, defs.eval, params, rngs, source, mesh)["top1"]
+
+  def result(self, result: dict) -> float:
+    """The final evaluation's metric of a training run (the EMA one when kept)."""
+    return result.get(f"eval_ema/{self.metric}", result.get(f"eval/{self.metric}"))
+
+  def tokens(self, config, pruning) -> str:
+    if self.segmentation:
+      return self._seg._token_counts(config, pruning)
+    return evaluate.token_counts(config, pruning)
 
 
 class _Results:
@@ -135,11 +169,12 @@ def run(config, workdir: str) -> dict:
   _check(config)
   s = config.study
   os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  task = _Task(config)
   header = {"model": config.model.to_dict(), "pruning_layers": list(config.pruning.layers),
             "study": s.to_dict(), "train": {"epochs": config.num_epochs,
                                              "batch_size": config.batch_size, "lr": config.lr},
-            "device": jax.devices()[0].device_kind, "versions": versions()}
-  mesh = sharding.make_mesh()
+            "device": jax.devices()[0].device_kind, "versions": versions(), "metric": task.metric}
   eval_source = None
   entries = [(m, float(r), s.importance) for r in s.keep_ratios for m in s.methods]
   entries += [("top", float(s.ablation_ratio), imp) for imp in s.importances
@@ -168,17 +203,17 @@ def run(config, workdir: str) -> dict:
     elif key not in results.done():
       logging.info("study: training the dense model, seed %d (%s)", seed, dense_dir)
       t = time.perf_counter()
-      res = train.train_and_evaluate(dense, dense_dir)
+      res = task.train(dense, dense_dir)
       _export_dense(dense, dense_dir, mesh)
-      results.rows[key] = _row(dense, key, seed, "dense", 1.0, "-", _top1(res), None,
+      results.rows[key] = _row(task, dense, key, seed, "dense", 1.0, "-", task.result(res), None,
                                train_s=time.perf_counter() - t)
       results.save()
       done_now += 1
     if all(_key(seed, *e) in results.done() for e in entries):
       continue
     defs = factory.model_defs(dense)
-    params, _ = _dense_params(dense, dense_dir, defs, mesh)
-    eval_source = eval_source or input_pipeline.make_source(config.data, "eval")
+    params, stats = _dense_params(dense, dense_dir, defs, mesh)
+    eval_source = eval_source or task.eval_source(config)
 
     for method, ratio, importance in entries:
       key = _key(seed, method, ratio, importance)
@@ -188,15 +223,14 @@ def run(config, workdir: str) -> dict:
       zero = None
       if method != "dense+ft":
         pdefs = factory.model_defs(c)
-        zero = evaluate.evaluate(c, pdefs.eval, params,
-                                 factory.fresh_rngs(c, sharding.replicated(mesh)), eval_source,
-                                 mesh)
+        rngs = factory.with_stats(factory.fresh_rngs(c, sharding.replicated(mesh)), stats)
+        zero = task.evaluate(c, pdefs, params, rngs, eval_source, mesh)
       name = f"{method}-r{ratio:g}-{importance}".replace("+", "_")
       t = time.perf_counter()
-      res = train.train_and_evaluate(_finetune(c, dense_dir),
+      res = task.train(_finetune(c, dense_dir),
                                      os.path.join(seed_dir, name))
-      results.rows[key] = _row(c, key, seed, method, ratio, importance,
-                               None if zero is None else zero["top1"], _top1(res),
+      results.rows[key] = _row(task, c, key, seed, method, ratio, importance, zero,
+                               task.result(res),
                                train_s=time.perf_counter() - t)
       results.save()
       done_now += 1
@@ -204,8 +238,8 @@ def run(config, workdir: str) -> dict:
       later = (len(s.seeds) - n_seed - 1) * total    # the next seeds' entries, dense included
       rate = (time.perf_counter() - t0) / max(done_now, 1)
       logging.info("study: %s zero-shot %s fine-tuned %.2f%% | seed %d: %d/%d entries, "
-                   "ETA %s", key, "-" if zero is None else f"{100 * zero['top1']:.2f}%",
-                   100 * _top1(res), seed, total - left, total,
+                   "ETA %s", key, "-" if zero is None else f"{100 * zero:.2f}%",
+                   100 * task.result(res), seed, total - left, total,
                    format_duration((left + later) * rate))
   return write_report(workdir)
 
@@ -232,30 +266,37 @@ def _wait_for_dense(dense_dir, seed, poll_s=10.0):
 
 
 def _export_dense(config, dense_dir, mesh):
-  """The trained dense model's evaluation parameters as ``<dense_dir>/params`` (the format of
-  --mode=convert): what the fine-tunes start from, small enough to move between machines."""
+  """The trained dense model's evaluation parameters (and BatchNorm statistics) as
+  ``<dense_dir>/params`` (the format of --mode=convert): what the fine-tunes start from, small
+  enough to move between machines."""
   if os.path.isdir(os.path.join(dense_dir, checkpointing.PARAMS_DIR)):
     return
   defs = factory.model_defs(config)
-  params, what = checkpointing.load_params(os.path.join(dense_dir, "checkpoints"), defs.params,
-                                           use_ema=bool(config.eval_ema),
-                                           sharding=sharding.replicated(mesh))
-  checkpointing.save_params(dense_dir, params, factory.fresh_rngs(config, sharding.replicated(mesh)),
-                            {"source": what, "model": config.model.to_dict()})
+  repl = sharding.replicated(mesh)
+  params, stats = _dense_params(config, os.path.join(dense_dir, "checkpoints"), defs, mesh)
+  checkpointing.save_params(dense_dir, params,
+                            factory.with_stats(factory.fresh_rngs(config, repl), stats),
+                            {"source": dense_dir, "model": config.model.to_dict()})
 
 
 def _dense_params(config, dense_dir, defs, mesh):
-  return checkpointing.load_params(dense_dir, defs.params, use_ema=bool(config.eval_ema),
-                                   sharding=sharding.replicated(mesh))
+  """(params, BatchNorm statistics or {}) of a dense run or its export."""
+  stats = factory.batch_stats(config)
+  kw = dict(use_ema=bool(config.eval_ema), sharding=sharding.replicated(mesh))
+  if stats:
+    params, stats, _ = checkpointing.load_params(dense_dir, defs.params, abstract_stats=stats,
+                                                 **kw)
+    return params, stats
+  return checkpointing.load_params(dense_dir, defs.params, **kw)[0], {}
 
 
-def _row(c, key, seed, method, ratio, importance, zero_top1, ft_top1, train_s):
+def _row(task, c, key, seed, method, ratio, importance, zero, finetuned, train_s):
   pruning = factory.prune_config(c)
   gflops, _ = evaluate.model_gflops(c, pruning)
   return {"key": key, "seed": int(seed), "method": method, "keep_ratio": float(ratio),
-          "importance": importance, "tokens": evaluate.token_counts(c, pruning),
-          "gflops": gflops, "zero_shot_top1": zero_top1, "finetuned_top1": ft_top1,
-          "train_seconds": round(float(train_s), 1)}
+          "importance": importance, "tokens": task.tokens(c, pruning),
+          "gflops": gflops, f"zero_shot_{task.metric}": zero,
+          f"finetuned_{task.metric}": finetuned, "train_seconds": round(float(train_s), 1)}
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -274,15 +315,15 @@ def _fmt(mean, std):
   return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
-def summarize(rows) -> list[dict]:
-  """Means (and sample std) over seeds per (method, keep ratio, importance)."""
+def summarize(rows, metric: str = "top1") -> list[dict]:
+  """Means (and sample std) over seeds per (method, keep ratio, importance) of ``metric``."""
   groups = {}
   for r in rows:
     groups.setdefault((r["method"], r["keep_ratio"], r["importance"]), []).append(r)
   out = []
   for (method, ratio, importance), rs in groups.items():
-    zm, zs = _mean_std([r["zero_shot_top1"] for r in rs])
-    fm, fs = _mean_std([r["finetuned_top1"] for r in rs])
+    zm, zs = _mean_std([r[f"zero_shot_{metric}"] for r in rs])
+    fm, fs = _mean_std([r[f"finetuned_{metric}"] for r in rs])
     out.append({"method": method, "keep_ratio": ratio, "importance": importance,
                 "tokens": rs[0]["tokens"], "gflops": rs[0]["gflops"], "seeds": len(rs),
                 "zero_shot_mean": zm, "zero_shot_std": zs, "finetuned_mean": fm,
@@ -293,11 +334,13 @@ def summarize(rows) -> list[dict]:
 
 
 def format_report(data) -> str:
-  rows, summary = data["rows"], summarize(data["rows"])
+  metric = data.get("metric", "top1")
+  name = "mIoU" if metric == "mIoU" else "top-1"
+  rows, summary = data["rows"], summarize(data["rows"], metric)
   imp = data["study"]["importance"]
   main_rows = [g for g in summary if g["importance"] in (imp, "-")]
-  lines = ["| method | keep ratio | tokens per stage | GFLOPs | seeds | zero-shot top-1 % | "
-           "fine-tuned top-1 % |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+  lines = [f"| method | keep ratio | tokens per stage | GFLOPs | seeds | zero-shot {name} % | "
+           f"fine-tuned {name} % |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
   for g in main_rows:
     zs = _fmt(g["zero_shot_mean"], g["zero_shot_std"])
     ft = _fmt(g["finetuned_mean"], g["finetuned_std"])
@@ -307,7 +350,7 @@ def format_report(data) -> str:
          g["keep_ratio"] == float(data["study"]["ablation_ratio"])]
   if len(abl) > 1:
     lines += ["", f"Importance ablation (ToP, keep ratio {data['study']['ablation_ratio']:g}):",
-              "", "| importance | zero-shot top-1 % | fine-tuned top-1 % |",
+              "", f"| importance | zero-shot {name} % | fine-tuned {name} % |",
               "| --- | ---: | ---: |"]
     for g in sorted(abl, key=lambda g: g["importance"]):
       lines.append(f"| {g['importance']} | {_fmt(g['zero_shot_mean'], g['zero_shot_std'])} | "
@@ -316,8 +359,9 @@ def format_report(data) -> str:
             "fine-tuned % | train s |", "| ---: | --- | ---: | --- | ---: | ---: | ---: |"]
   for r in sorted(rows, key=lambda r: (r["seed"], -r["keep_ratio"], r["method"],
                                        r["importance"])):
-    z = "-" if r["zero_shot_top1"] is None else f"{100 * r['zero_shot_top1']:.2f}"
-    f = "-" if r["finetuned_top1"] is None else f"{100 * r['finetuned_top1']:.2f}"
+    zero, tuned = r[f"zero_shot_{metric}"], r[f"finetuned_{metric}"]
+    z = "-" if zero is None else f"{100 * zero:.2f}"
+    f = "-" if tuned is None else f"{100 * tuned:.2f}"
     lines.append(f"| {r['seed']} | {r['method']} | {r['keep_ratio']:g} | {r['importance']} | "
                  f"{z} | {f} | {r['train_seconds']:.0f} |")
   lines.append("")
@@ -331,7 +375,8 @@ def format_report(data) -> str:
 def plot(data, path):
   """Top-1 vs GFLOPs per method: zero-shot (left) and fine-tuned (right), dense as a point."""
   from toppax.tools import visualize
-  summary = summarize(data["rows"])
+  metric = data.get("metric", "top1")
+  summary = summarize(data["rows"], metric)
   imp = data["study"]["importance"]
   fig, axes = visualize.new_figure(2)
   dense = next((g for g in summary if g["method"] == "dense"), None)
@@ -348,7 +393,8 @@ def plot(data, path):
       ft = next((g for g in summary if g["method"] == "dense+ft"), None)
       if field == "finetuned_mean" and ft is not None and ft["finetuned_mean"] is not None:
         curves[LABELS["dense+ft"]] = ([ft["gflops"]], [ft["finetuned_mean"]])
-    visualize.plot_curves(curves, xlabel="GFLOPs per image", ylabel="top-1", title=title,
+    visualize.plot_curves(curves, xlabel="GFLOPs per image",
+                          ylabel="mIoU" if metric == "mIoU" else "top-1", title=title,
                           ax=ax, percent=True)
   fig.savefig(path, dpi=120)
   return path
@@ -375,11 +421,12 @@ def write_report(workdir) -> dict:
   if jax.process_index() != 0:
     return data
   with open(os.path.join(workdir, "study.json"), "w") as f:
-    json.dump({**data, "summary": summarize(data["rows"])}, f, indent=2)
+    json.dump({**data, "summary": summarize(data["rows"], data.get("metric", "top1"))}, f,
+              indent=2)
   table = format_report(data)
   with open(os.path.join(workdir, "study.md"), "w") as f:
     f.write(table + "\n")
   plot(data, os.path.join(workdir, "study.png"))
   print(table, flush=True)
-  data["summary"] = summarize(data["rows"])
+  data["summary"] = summarize(data["rows"], data.get("metric", "top1"))
   return data
