@@ -402,6 +402,35 @@ def test_compile_failure_falls_back_to_xla(caplog, monkeypatch):
   np.testing.assert_allclose(np.asarray(y), scan_utils.numpy_scan(**x), rtol=1e-5, atol=1e-6)
 
 
+def test_triton_kernels_that_do_not_build_give_way_to_pallas_triton(caplog, monkeypatch):
+  # On its own platform (planted: "gpu"), where the Triton kernels do not build the op runs the
+  # Pallas-Triton kernels if they build, and "xla" if neither does.
+  calls = []
+  broken = {"triton"}
+
+  def failure(self, cfg, args):
+    return f"planted {cfg.tuning.kernels} failure" if cfg.tuning.kernels in broken else None
+
+  def run(self, cfg, args):
+    calls.append(cfg.tuning.kernels)
+    return jnp.zeros(args.u.shape, args.u.dtype)
+
+  monkeypatch.setattr(scan_call.Kernels, "failure", failure)
+  monkeypatch.setattr(scan_call.Kernels, "__call__", run)
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(3, 1, 5, 4, 2).items()}
+  scan = lambda: get_implementation("pallas_gpu")(**x, delta_softplus=True, reverse=False,
+                                                  gaps=None, gap_delta="prev", interpret=False)
+  with caplog.at_level(logging.WARNING):
+    scan()
+  assert calls == ["pallas_triton"]
+  assert "planted triton failure; running the Pallas-Triton kernels instead" in caplog.text
+  broken.add("pallas_triton")
+  y = scan()
+  assert calls == ["pallas_triton"] and "falling back to 'xla'" in caplog.text
+  np.testing.assert_allclose(np.asarray(y), scan_utils.numpy_scan(**x), rtol=1e-5, atol=1e-6)
+
+
 # (dtype, N, with z, gap rule, reverse, batch): ViM's bf16 call, fp32 with a padded state and no
 # gate, and a batch x D of 76,800 (past gpu_scan.WIDE_CHANNELS: two channels per thread).
 EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True, 2),

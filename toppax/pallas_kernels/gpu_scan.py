@@ -34,6 +34,7 @@ their code.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -224,4 +225,12 @@ def backward(cfg, args, ckpt, dy):
       gaps=None if args.gaps is None else jnp.zeros_like(args.gaps))
 
 
-KERNELS = Kernels("pallas_gpu", forward, backward, GpuTuning)
+def _pallas_triton_instead(cfg):
+  """Where the Triton kernels do not build, the op tries the Pallas-Triton ones before "xla"."""
+  if cfg.tuning.kernels != "triton":
+    return None
+  tuning = dataclasses.replace(cfg.tuning, kernels="pallas_triton")
+  return dataclasses.replace(cfg, tuning=tuning), "the Pallas-Triton kernels"
+
+
+KERNELS = Kernels("pallas_gpu", forward, backward, GpuTuning, _pallas_triton_instead)

@@ -122,11 +122,14 @@ def _failure(kernels, cfg, specs):
 class Kernels:
   """One Pallas implementation of the op: a kernel module's launchers and tuning type."""
 
-  def __init__(self, name: str, forward: Callable, backward: Callable, tuning_type: type):
+  def __init__(self, name: str, forward: Callable, backward: Callable, tuning_type: type,
+               alternative: Callable | None = None):
     self.name = name
     self.forward = forward
     self.backward = backward
     self.tuning_type = tuning_type
+    # cfg -> (another ScanConfig to try where this one does not build, what it is) or None.
+    self.alternative = alternative or (lambda cfg: None)
 
   def configure(self, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, reverse, gaps,
                 gap_delta, interpret, tuning=None):

@@ -138,7 +138,8 @@ def _kernel_impl(kernels, platforms, u, delta, A, B, C, D, z, delta_bias, *, del
                  reverse, gaps, gap_delta, interpret, tuning=None, check_lowering=True):
   """A Pallas implementation (``kernels``: a ``toppax.pallas_kernels.scan_call.Kernels``).
   Outside interpret mode it checks, once per call signature, that the kernels run here and
-  build; where they do not, it warns and runs "xla", so the answer is right either way."""
+  build; where they do not, it warns and runs the kernels' alternative if that builds (the GPU's
+  Pallas-Triton kernels for its Triton ones), else "xla", so the answer is right either way."""
   arrays = (u, delta, A, B, C, D, z, delta_bias)
   options = dict(delta_softplus=delta_softplus, reverse=reverse, gaps=gaps, gap_delta=gap_delta)
   cfg, args = kernels.configure(*arrays, **options, interpret=interpret, tuning=tuning)
@@ -148,6 +149,10 @@ def _kernel_impl(kernels, platforms, u, delta, A, B, C, D, z, delta_bias, *, del
       why = f"does not run on {platform} without interpret=True"
     else:
       why = kernels.failure(cfg, args)
+      other = kernels.alternative(cfg) if why is not None else None
+      if other is not None and kernels.failure(other[0], args) is None:
+        log.warning("selective_scan: %s %s; running %s instead", kernels.name, why, other[1])
+        return kernels(other[0], args)
     if why is not None:
       log.warning("selective_scan: %s %s; falling back to 'xla'", kernels.name, why)
       return get_implementation("xla")(*arrays, **options, interpret=False)
