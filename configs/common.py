@@ -89,7 +89,7 @@ def base_config():
   c.model.dtype = "float32"                          # activations; params stay fp32
   c.model.scan_implementation = config_dict.placeholder(str)
   c.model.scan_layers = config_dict.placeholder(bool)  # None: lax.scan over equal blocks (ViM)
-  c.model.remat = config_dict.placeholder(str)   # ViM training: "none" | "block" | "dots"
+  c.model.remat = config_dict.placeholder(str)   # ViM training: auto, none, block or dots
   c.pruning = pruning()
   c.init_from = ""         # official .pth / npz state dict (toppax.convert.from_torch), or ""
 

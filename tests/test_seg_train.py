@@ -95,18 +95,30 @@ def test_logits_reach_each_label_at_its_own_size():
     np.testing.assert_allclose(np.asarray(got[:h, :w]), np.asarray(want), atol=1e-4)
 
 
-def test_training_run_resumes_exactly(tmp_path):
+def _runlocal():
   c = seg_vim_t.get_config("runlocal")
   c.compare = ()
-  whole = str(tmp_path / "whole")
-  result = seg_train.train_and_evaluate(c, whole)
+  return c
+
+
+def test_training_run_logs_checkpoints_and_evaluates(tmp_path):
+  result = seg_train.train_and_evaluate(_runlocal(), str(tmp_path))
   assert 0.0 <= result["eval/mIoU"] <= 1.0 and result["eval/count"] == 16
-  rows = [json.loads(l) for l in open(os.path.join(whole, "metrics.jsonl"))]
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
   assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
   assert any("eval/mIoU" in r for r in rows)
-  # The same run stopped after 3 steps and resumed ends with identical parameters.
-  split = str(tmp_path / "split")
+  assert sorted(int(d) for d in os.listdir(os.path.join(tmp_path, "checkpoints"))
+                if d.isdigit())[-1] == 6
+
+
+@pytest.mark.slow
+def test_training_run_resumes_exactly(tmp_path):
+  """Stopped after 3 steps and resumed, a run ends with the parameters, optimizer state and
+  BatchNorm statistics of an uninterrupted one."""
+  c = _runlocal()
+  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+  seg_train.train_and_evaluate(c, whole)
   c.max_steps_per_run = 3
   assert seg_train.train_and_evaluate(c, split) == {"step": 3}
   c.max_steps_per_run = 0

@@ -197,3 +197,23 @@ def test_per_layer_keep_ratios_win_over_keep_ratio():
   c.pruning.keep_ratios = (0.9, 0.7)           # two ratios for three layers: named, before training
   with pytest.raises(ValueError, match=r"config.pruning: keep_ratio has 2 values for 3"):
     factory.check_pruning(c)
+
+
+def test_rematerialised_blocks_give_the_same_gradients():
+  """config.model.remat recomputes the blocks in the backward (less memory): same gradients."""
+  from flax import nnx
+  from toppax import models
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+  grads = {}
+  for remat in ("none", "block", "dots"):
+    m = models.create("vim_t", img_size=32, patch_size=8, depth=3, embed_dim=32, num_classes=5,
+                      remat=remat, drop_path_rate=0.0)
+    m.train()
+    gd, p, r = nnx.split(m, nnx.Param, ...)
+    p, r = nnx.to_pure_dict(p), nnx.to_pure_dict(r)
+    grads[remat] = jax.jit(jax.grad(lambda p, r: jnp.sum(nnx.merge(gd, p, r)(x) ** 2)))(p, r)
+  for remat in ("block", "dots"):
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="remat must be one of"):
+    models.create("vim_t", img_size=32, patch_size=8, depth=1, embed_dim=16, remat="all")
