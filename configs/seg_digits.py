@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.data.source, c.data.num_classes, c.data.scene_size = "seg_digits", 11, 64
   c.data.digit_size = (0.35, 0.6)            # digit sides of 22-38 px: strokes of 3-5 px
   c.data.max_digits = 2
+  c.data.label_mode = "ink"                  # "box": the digit's whole square
   c.data.train_examples, c.data.eval_examples = 2048, 256
   c.data.workers = 0
   c.data.mean, c.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -43,7 +44,8 @@ def get_config(arg=None):
   c.seg.pictures = 4
 
   # From scratch and small: a higher rate than the ImageNet-initialised recipes, no layer decay.
-  c.lr, c.weight_decay, c.layer_decay = 2e-3, 0.05, 0.0
+  c.lr, c.weight_decay, c.layer_decay = 1e-3, 0.05, 0.0
+  c.grad_clip = 1.0
   c.batch_size = c.lr_base_batch = 16
   c.total_steps, c.warmup_steps = a.steps, 50
   c.eval_batch_size = 64

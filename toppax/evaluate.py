@@ -114,30 +114,44 @@ def token_counts(config, pruning) -> str:
   return " -> ".join(str(c) for c in counts)
 
 
-def format_table(rows, config) -> str:
+def comparison_table(rows, title: str, columns, footer: str) -> str:
+  """A markdown table of dense-vs-pruned ``rows`` (``variant``, ``tokens``, ``gflops``,
+  ``img_per_s``, and the metrics): ``columns`` is ``[(header, key), ...]`` of fractions shown as
+  percentages, or ``(header, key, format)`` shown as they are; img/s gets the speed-up over the
+  dense row."""
   dense = next((r for r in rows if r["variant"] == "dense"), None)
-  lines = [f"{config.model.name} on {config.data.source} ({rows[0]['count']} eval images, "
-           f"{rows[0]['device']}, batch {rows[0]['batch']}):",
-           "| model | tokens | top-1 % | top-5 % | loss | GFLOPs | img/s |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  heads = [c[0] for c in columns]
+  lines = [title, "| model | tokens | " + " | ".join(heads) + " | GFLOPs | img/s |",
+           "| --- | --- | " + "---: | " * len(heads) + "---: | ---: |"]
   for r in rows:
-    speed = f"{r['img_per_s']:.0f}"
+    speed = f"{r['img_per_s']:.1f}"
     if dense is not None and r is not dense:
       speed += f" ({r['img_per_s'] / dense['img_per_s']:.2f}x)"
-    lines.append(f"| {r['variant']} | {r['tokens']} | {100 * r['top1']:.2f} | "
-                 f"{100 * r['top5']:.2f} | {r['loss']:.4f} | {r['gflops']:.4f} | {speed} |")
-  lines.append(f"GFLOPs from {rows[0]['gflops_source']}; img/s: jitted forward, median of 5 "
-               "after warm-up.")
+    cells = [format(r[c[1]], c[2]) if len(c) > 2 else f"{100 * r[c[1]]:.2f}" for c in columns]
+    lines.append(f"| {r['variant']} | {r['tokens']} | " + " | ".join(cells) +
+                 f" | {r['gflops']:.4f} | {speed} |")
+  lines.append(footer)
   return "\n".join(lines)
 
 
-def write_table(rows, config, workdir):
+def format_table(rows, config) -> str:
+  return comparison_table(
+      rows, f"{config.model.name} on {config.data.source} ({rows[0]['count']} eval images, "
+            f"{rows[0]['device']}, batch {rows[0]['batch']}):",
+      [("top-1 %", "top1"), ("top-5 %", "top5"), ("loss", "loss", ".4f")],
+      f"GFLOPs from {rows[0]['gflops_source']}; img/s: jitted forward, median of 5 after "
+      "warm-up.")
+
+
+def write_table(rows, table: str, workdir):
+  """``compare.json`` (the rows) and ``compare.md`` (``table``) in ``workdir``, process 0 only."""
   if jax.process_index() != 0:
     return
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "compare.json"), "w") as f:
     json.dump(rows, f, indent=2)
   with open(os.path.join(workdir, "compare.md"), "w") as f:
-    f.write(format_table(rows, config) + "\n")
+    f.write(table + "\n")
 
 
 def run_eval(config, workdir: str) -> dict:
@@ -161,8 +175,9 @@ def run_eval(config, workdir: str) -> dict:
                             "config.init_from")
   if config.compare:
     rows = compare(config, params, rngs, source, mesh)
-    print(format_table(rows, config), flush=True)
-    write_table(rows, config, workdir)
+    table = format_table(rows, config)
+    print(table, flush=True)
+    write_table(rows, table, workdir)
     return {"compare": rows}
   m = evaluate(config, defs.eval, params, rngs, source, mesh)
   print(f"{config.model.name}: top-1 {100 * m['top1']:.2f}% top-5 {100 * m['top5']:.2f}% "

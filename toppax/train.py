@@ -65,8 +65,9 @@ class ClassificationTask:
       return {}
     rows = evaluate.compare(config, factory.eval_params(config, state), state["rngs"],
                             self.eval_source, mesh)
-    print(evaluate.format_table(rows, config), flush=True)
-    evaluate.write_table(rows, config, workdir)
+    table = evaluate.format_table(rows, config)
+    print(table, flush=True)
+    evaluate.write_table(rows, table, workdir)
     return {"compare": rows}
 
 

@@ -259,7 +259,8 @@ def make_seg_source(data_config, split: str):
     source = seg_synthetic.SegDigitsSource(
         "train" if train else "validation", size=size or 64, num=count,
         digit_size=tuple(data_config.get("digit_size", None) or (0.25, 0.5)),
-        max_digits=int(data_config.get("max_digits", None) or 3))
+        max_digits=int(data_config.get("max_digits", None) or 3),
+        label_mode=data_config.get("label_mode", None) or "ink")
   elif src == "cifar_scenes":
     source = seg_synthetic.CifarScenesSource(root, "train" if train else "validation",
                                              size=size or 128, num=count)

@@ -7,7 +7,7 @@ at random positions and scales on a ``size`` x ``size`` canvas. Scene i draws, f
 of the canvas, default [1/4, 1/2]), placed
 fully inside the canvas and tinted with a bright random colour. A pixel is labelled with the
 digit's class (0..9) where that digit's ink is at least 1/4 of full scale, else it keeps what
-was under it; background is class 10. Later digits cover earlier ones in image and label alike.
+was under it (``label_mode="box"``: every pixel of the digit's square); background is class 10. Later digits cover earlier ones in image and label alike.
 
 ``CifarScenesSource``: a real-image proxy built from the CIFAR-10 class-folder zips
 (../shared/data/cifar10/). Every fourth image of the zip (index % 4 == 0, all classes) is a
@@ -44,7 +44,12 @@ class SegDigitsSource:
   num_classes = len(DIGIT_CLASSES)
 
   def __init__(self, split: str, size: int = 64, num: int | None = None, max_digits: int = 3,
-               seed: int = 0, digit_size: tuple[float, float] = (0.25, 0.5)):
+               seed: int = 0, digit_size: tuple[float, float] = (0.25, 0.5),
+               label_mode: str = "ink"):
+    if label_mode not in ("ink", "box"):
+      raise ValueError(f"label_mode must be 'ink' (the digit's strokes) or 'box' (its whole "
+                       f"square), got {label_mode!r}")
+    self.label_mode = label_mode
     self.split_id = _split_id(split)
     self.digits = DigitsSource("train" if self.split_id == 0 else "test")
     self.side, self.max_digits, self.seed = size, max_digits, seed
@@ -76,7 +81,11 @@ class SegDigitsSource:
       colour = rng.integers(150, 256, 3)
       region = image[top:top + side, left:left + side]
       np.maximum(region, ink[..., None] * colour, out=region)
-      label[top:top + side, left:left + side][ink >= 0.25] = self.digits.labels[k]
+      box = label[top:top + side, left:left + side]
+      if self.label_mode == "box":
+        box[...] = self.digits.labels[k]
+      else:
+        box[ink >= 0.25] = self.digits.labels[k]
     return image.astype(np.uint8), label
 
 

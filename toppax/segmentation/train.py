@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from toppax import augment, factory, sharding, train
+from toppax import augment, evaluate, factory, sharding, train
 from toppax.data import seg_sources
 from toppax.data import segmentation as seg_data
 from toppax.segmentation import inference, metrics
@@ -86,8 +86,9 @@ class SegmentationTask:
     if config.compare:
       rows = compare(config, factory.eval_params(config, state), state["rngs"], self.eval_source,
                      mesh)
-      print(format_compare(rows, config), flush=True)
-      write_compare(rows, config, workdir)
+      table = format_compare(rows, config)
+      print(table, flush=True)
+      evaluate.write_table(rows, table, workdir)
       out["compare"] = rows
     if config.seg.get("pictures", 0):
       out["pictures"] = save_pictures(config, factory.eval_params(config, state), state["rngs"],
@@ -202,30 +203,12 @@ def _token_counts(config, pruning) -> str:
 
 
 def format_compare(rows, config) -> str:
-  dense = next((r for r in rows if r["variant"] == "dense"), None)
-  lines = [f"{config.model.name} on {config.data.source} ({rows[0]['count']} images, "
-           f"{rows[0]['device']}, batch {rows[0]['batch']}, {config.seg.test_mode} inference):",
-           "| model | tokens | mIoU % | mAcc % | aAcc % | GFLOPs | img/s |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-  for r in rows:
-    speed = f"{r['img_per_s']:.1f}"
-    if dense is not None and r is not dense:
-      speed += f" ({r['img_per_s'] / dense['img_per_s']:.2f}x)"
-    lines.append(f"| {r['variant']} | {r['tokens']} | {100 * r['mIoU']:.2f} | "
-                 f"{100 * r['mAcc']:.2f} | {100 * r['aAcc']:.2f} | {r['gflops']:.3f} | {speed} |")
-  lines.append("GFLOPs: toppax.tools.flops (backbone, neck, decode head); img/s: the jitted "
-               "forward at the model's img_size, median of 5 after warm-up.")
-  return "\n".join(lines)
-
-
-def write_compare(rows, config, workdir):
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "compare.json"), "w") as f:
-    json.dump(rows, f, indent=2)
-  with open(os.path.join(workdir, "compare.md"), "w") as f:
-    f.write(format_compare(rows, config) + "\n")
+  return evaluate.comparison_table(
+      rows, f"{config.model.name} on {config.data.source} ({rows[0]['count']} images, "
+            f"{rows[0]['device']}, batch {rows[0]['batch']}, {config.seg.test_mode} inference):",
+      [("mIoU %", "mIoU"), ("mAcc %", "mAcc"), ("aAcc %", "aAcc")],
+      "GFLOPs: toppax.tools.flops (backbone, neck, decode head); img/s: the jitted forward at "
+      "the model's img_size, median of 5 after warm-up.")
 
 
 # --- pictures --------------------------------------------------------------------------------------
@@ -291,8 +274,9 @@ def run_eval(config, workdir: str) -> dict:
                             "config.init_from")
   if config.compare:
     rows = compare(config, params, rngs, source, mesh)
-    print(format_compare(rows, config), flush=True)
-    write_compare(rows, config, workdir)
+    table = format_compare(rows, config)
+    print(table, flush=True)
+    evaluate.write_table(rows, table, workdir)
     return {"compare": rows}
   summary = evaluate(config, defs.eval, params, rngs, source, mesh)
   print(metrics.format_table(summary), flush=True)
