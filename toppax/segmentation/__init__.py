@@ -79,13 +79,6 @@ def build_backbone(cfg: SegConfig, *, pruning=None, rngs: nnx.Rngs):
   kw = dict(cfg.backbone)
   if cfg.family == "vim":
     from toppax.models import vim
-    fields = {f.name for f in dataclasses.fields(vim.ViMConfig)}
-    missing = sorted({"rope", "divide_out"} & set(kw) - fields)
-    if missing:
-      raise NotImplementedError(
-          f"{cfg.name} follows the official small config, which needs {missing} in the ViM "
-          "backbone (RoPE on the hidden states and the residual, the two scan branches summed); "
-          "toppax.models.vim.ViMConfig has no such fields")
     if not isinstance(cfg.img_size, int):
       raise ValueError(f"ViM segmentation takes square images: img_size must be an int, got "
                        f"{cfg.img_size}")

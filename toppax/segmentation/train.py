@@ -256,22 +256,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def run_eval(config, workdir: str) -> dict:
   """``--mode=eval``: the latest checkpoint in ``workdir`` (else ``config.init_from``)."""
-  from toppax import checkpointing, optim
   mesh = sharding.make_mesh()
   factory.check_config(config, mesh, training=False)
   source = seg_sources.make_seg_source(config.data, "eval")
   defs = factory.model_defs(config)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  ckpt = checkpointing.Checkpointer(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-  if ckpt is not None and ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(factory.abstract_state(config, defs, optim.restore_optimizer(config),
-                                                   mesh), config=config)
-    params, rngs = factory.eval_params(config, state), state["rngs"]
-  elif config.init_from:
-    params, rngs = factory.load_init_params(config, defs, sharding.replicated(mesh))
-  else:
-    raise FileNotFoundError(f"nothing to evaluate: no checkpoint in {ckpt_dir} and no "
-                            "config.init_from")
+  params, rngs = evaluate.params_to_evaluate(config, workdir, defs, mesh)
   if config.compare:
     rows = compare(config, params, rngs, source, mesh)
     table = format_compare(rows, config)
