@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from toppax import checkpointing, factory
+from toppax import checkpointing
 from toppax.checkpointing import CheckpointError
 from toppax.convert import ConversionError, from_torch, load_state_dict
 

@@ -95,7 +95,6 @@ def test_wrong_image_size_names_the_expected_size():
 def test_convert_mode_writes_params_that_init_from_reads(tmp_path):
   """--mode=convert: official state dict -> <workdir>/params; init_from=<workdir> gives the
   same model (same logits) without torch; converting twice into one workdir refuses."""
-  import jax
   from flax import nnx
 
   from configs import vim_t

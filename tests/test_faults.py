@@ -5,7 +5,6 @@ import io
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import tomllib

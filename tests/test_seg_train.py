@@ -110,6 +110,14 @@ def test_training_run_logs_checkpoints_and_evaluates(tmp_path):
   assert any("eval/mIoU" in r for r in rows)
   assert sorted(int(d) for d in os.listdir(os.path.join(tmp_path, "checkpoints"))
                 if d.isdigit())[-1] == 6
+  # --mode=eval on the same workdir: the checkpoint, dense against pruned, a table on disk.
+  c = _runlocal()
+  c.compare = ("dense", "top")
+  c.seg.pictures = 0
+  rows = seg_train.run_eval(c, str(tmp_path))["compare"]
+  assert [r["variant"] for r in rows] == ["dense", "top"]
+  table = open(os.path.join(tmp_path, "compare.md")).read()
+  assert "| dense | 16 |" in table and "| top | 16 -> 13 |" in table
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """--mode=study end to end on a tiny CIFAR-shaped zip; zip sources, cached decode, on-device
 crops, eval subsets, init_from a toppax workdir, --mode=convert."""
 import io
-import json
 import os
 import zipfile
 

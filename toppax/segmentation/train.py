@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from toppax import augment, evaluate, factory, sharding, train
+from toppax import augment, factory, sharding, train
+from toppax import evaluate as classification_eval
 from toppax.data import seg_sources
 from toppax.data import segmentation as seg_data
 from toppax.segmentation import inference, metrics
@@ -88,7 +89,7 @@ class SegmentationTask:
                      mesh)
       table = format_compare(rows, config)
       print(table, flush=True)
-      evaluate.write_table(rows, table, workdir)
+      classification_eval.write_table(rows, table, workdir)
       out["compare"] = rows
     if config.seg.get("pictures", 0):
       out["pictures"] = save_pictures(config, factory.eval_params(config, state), state["rngs"],
@@ -203,7 +204,7 @@ def _token_counts(config, pruning) -> str:
 
 
 def format_compare(rows, config) -> str:
-  return evaluate.comparison_table(
+  return classification_eval.comparison_table(
       rows, f"{config.model.name} on {config.data.source} ({rows[0]['count']} images, "
             f"{rows[0]['device']}, batch {rows[0]['batch']}, {config.seg.test_mode} inference):",
       [("mIoU %", "mIoU"), ("mAcc %", "mAcc"), ("aAcc %", "aAcc")],
@@ -260,12 +261,12 @@ def run_eval(config, workdir: str) -> dict:
   factory.check_config(config, mesh, training=False)
   source = seg_sources.make_seg_source(config.data, "eval")
   defs = factory.model_defs(config)
-  params, rngs = evaluate.params_to_evaluate(config, workdir, defs, mesh)
+  params, rngs = classification_eval.params_to_evaluate(config, workdir, defs, mesh)
   if config.compare:
     rows = compare(config, params, rngs, source, mesh)
     table = format_compare(rows, config)
     print(table, flush=True)
-    evaluate.write_table(rows, table, workdir)
+    classification_eval.write_table(rows, table, workdir)
     return {"compare": rows}
   summary = evaluate(config, defs.eval, params, rngs, source, mesh)
   print(metrics.format_table(summary), flush=True)
