@@ -1,14 +1,7 @@
-"""UperNet on plainmamba-l2 for ADE20K semantic segmentation, the official recipe (configs/_seg.py).
+"""UperNet on PlainMamba-L2 for ADE20K, the official recipe (schedule and arguments: configs/_seg.py).
 
-Train from the official ImageNet checkpoint (classifier and cls token dropped, position embedding
-resampled), evaluate every few thousand iterations, then compare dense / ToP / removal / EViT:
-  python -m toppax.main --config=configs/seg_plainmamba_l2.py:folder=/data/ADEChallengeData2016 \
-    --config.init_from=/path/to/official_classification.pth --workdir=/tmp/seg_plainmamba_l2
-Evaluate an official mmseg checkpoint (or a workdir): --mode=eval --config.init_from=...
-Arguments: `top`, `removal`, `evit` (train with the backbone pruned: the paper's schedule with
-alignment, plain removal, or EViT's fused token), `folder=DIR` (ADEChallengeData2016 as a folder
-or a .zip), `data_dir=DIR` (the TFDS copy, scene_parse150), `steps=N` (iterations),
-`runlocal` (a seconds-long CPU smoke run on generated scenes).
+  python -m toppax.main --config=configs/seg_plainmamba_l2.py:folder=/data/ADEChallengeData2016 \\
+    --config.init_from=/path/to/official_plainmamba_l2.pth --workdir=/tmp/seg_plainmamba_l2
 """
 from configs import _seg
 

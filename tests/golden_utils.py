@@ -122,3 +122,14 @@ def subsample(full: np.ndarray, arrays: dict, name: str) -> np.ndarray:
   if name + "_rows" in arrays:
     full = full[:, arrays[name + "_rows"]][:, :, arrays[name + "_cols"]]
   return full
+
+
+def assert_close_to_official(got, want, what: str, rel: float = 1e-4) -> float:
+  """Asserts ``got`` matches the official ``want`` in shape and to ``rel`` x ``want``'s largest
+  magnitude; returns the max absolute error."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape, f"{what}: shape {got.shape} != official {want.shape}"
+  scale = max(float(np.abs(want).max()), 1e-6)
+  err = float(np.abs(got - want).max())
+  assert err <= rel * scale, f"{what}: max |error| {err:.3e} > {rel:g} x official scale {scale:.3f}"
+  return err

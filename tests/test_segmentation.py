@@ -15,21 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.golden_utils import load_seg_golden, subsample
+from tests.golden_utils import assert_close_to_official, load_seg_golden, subsample
 from toppax import segmentation
 from toppax.convert.common import ConversionError, torch_bicubic_resize
 from toppax.convert.segmentation import from_classification, from_torch
 from toppax.pruning import PruneConfig
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
-
-
-def _close(got, want, what, rel=1e-4):
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape, f"{what}: shape {got.shape} != official {want.shape}"
-  scale = max(float(np.abs(want).max()), 1e-6)
-  err = float(np.abs(got - want).max())
-  assert err <= rel * scale, f"{what}: max |error| {err:.3e} > {rel:g} x official scale {scale:.3f}"
 
 
 def _golden(name):
@@ -49,12 +41,12 @@ def _check_outputs(model, images, arrays):
     logits, info = model(jnp.asarray(images), return_info=True)
   assert set(info) >= {"features", "decode", "aux"} and len(info["features"]) == 4
   for i in range(4):
-    _close(subsample(np.asarray(info["features"][i]), arrays, f"feature{i}"),
+    assert_close_to_official(subsample(np.asarray(info["features"][i]), arrays, f"feature{i}"),
            arrays[f"feature{i}"], f"feature {i}")
-  _close(subsample(np.asarray(info["decode"]), arrays, "decode"), arrays["decode"], "decode")
-  _close(subsample(np.asarray(info["aux"]), arrays, "aux"), arrays["aux"], "aux")
+  assert_close_to_official(subsample(np.asarray(info["decode"]), arrays, "decode"), arrays["decode"], "decode")
+  assert_close_to_official(subsample(np.asarray(info["aux"]), arrays, "aux"), arrays["aux"], "aux")
   assert logits.shape[:3] == images.shape[:3]
-  _close(subsample(np.asarray(logits), arrays, "logits"), arrays["logits"], "logits")
+  assert_close_to_official(subsample(np.asarray(logits), arrays, "logits"), arrays["logits"], "logits")
 
 
 def _has_vim_rope():
@@ -90,8 +82,8 @@ def test_slide_inference_matches_official():
     slide = segmentation.slide_inference(model, images, stride=40)
     rescaled = segmentation.slide_inference(model, images, stride=40, crop_batch=2,
                                             out_size=arrays["slide_logits"].shape[1:3])
-  _close(slide, arrays["slide_logits_norescale"], "slide logits")
-  _close(rescaled, arrays["slide_logits"], "slide logits resized to the original size")
+  assert_close_to_official(slide, arrays["slide_logits_norescale"], "slide logits")
+  assert_close_to_official(rescaled, arrays["slide_logits"], "slide logits resized to the original size")
 
 
 def test_whole_inference_resizes_to_the_original_size():
@@ -99,7 +91,7 @@ def test_whole_inference_resizes_to_the_original_size():
   with jax.default_matmul_precision("highest"):
     got = segmentation.whole_inference(model, jnp.asarray(arrays["images"]),
                                        out_size=arrays["whole_logits"].shape[1:3])
-  _close(got, arrays["whole_logits"], "whole-inference logits at the original size")
+  assert_close_to_official(got, arrays["whole_logits"], "whole-inference logits at the original size")
 
 
 def test_official_defaults():

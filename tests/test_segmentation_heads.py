@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.golden_utils import load_seg_golden
+from tests.golden_utils import assert_close_to_official, load_seg_golden
 from toppax.convert.common import KeyTable, get_by_path
 from toppax.convert.segmentation import convert_heads, convert_neck, official_rope_tables
 from toppax.segmentation import layers
@@ -23,15 +23,6 @@ from toppax.segmentation.neck import ViMNeck
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
 REDUCED = ["seg_vim_reduced", "seg_vim_s_reduced", "seg_plainmamba_reduced"]
 TRAINED = ["seg_vim_reduced", "seg_plainmamba_reduced"]
-
-
-def _close(got, want, what, rel=1e-4):
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape, f"{what}: shape {got.shape} != official {want.shape}"
-  scale = max(float(np.abs(want).max()), 1e-6)
-  err = float(np.abs(got - want).max())
-  assert err <= rel * scale, f"{what}: max |error| {err:.3e} > {rel:g} x official scale {scale:.3f}"
-  return err
 
 
 class Heads(nnx.Module):
@@ -67,9 +58,9 @@ def test_heads_match_official_on_official_features(name):
   with jax.default_matmul_precision("highest"):
     decode, aux = heads(feats)
     logits = layers.resize(decode, arrays["images"].shape[1:3])
-  _close(decode, arrays["decode"], "decode logits")
-  _close(aux, arrays["aux"], "aux logits")
-  _close(logits, arrays["logits"], "full-resolution logits")
+  assert_close_to_official(decode, arrays["decode"], "decode logits")
+  assert_close_to_official(aux, arrays["aux"], "aux logits")
+  assert_close_to_official(logits, arrays["logits"], "full-resolution logits")
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -82,8 +73,8 @@ def test_heads_train_mode_batch_statistics_and_running_update(name):
     head.cls_seg.dropout.deterministic = True
   with jax.default_matmul_precision("highest"):
     decode, aux = heads(feats)
-  _close(decode, arrays["train_decode"], "train-mode decode logits")
-  _close(aux, arrays["train_aux"], "train-mode aux logits")
+  assert_close_to_official(decode, arrays["train_decode"], "train-mode decode logits")
+  assert_close_to_official(aux, arrays["train_aux"], "train-mode aux logits")
   flat, offset = arrays["train_stats_flat"], 0
   for key, size in zip(arrays["train_stat_keys"], arrays["train_stat_sizes"]):
     want = flat[offset:offset + size]
@@ -91,7 +82,7 @@ def test_heads_train_mode_batch_statistics_and_running_update(name):
     # Official name -> ours: psp_modules.i.1 is the ConvModule after the pooling.
     path = re.sub(r"psp_modules\.(\d+)\.1\.", r"psp_modules.\1.conv.", str(key))
     path = path.replace("running_mean", "mean").replace("running_var", "var")
-    _close(get_by_path(heads, path)[...], want, str(key), rel=1e-5)
+    assert_close_to_official(get_by_path(heads, path)[...], want, str(key), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["seg_vim_reduced", "seg_vim_s_reduced"])
@@ -107,7 +98,7 @@ def test_vim_neck_matches_official(name):
   with jax.default_matmul_precision("highest"):
     out = run(neck, [jnp.asarray(arrays[f"tap{i}"]) for i in range(4)])
   for i in range(4):
-    _close(out[i], arrays[f"feature{i}"], f"fpn{i + 1}")
+    assert_close_to_official(out[i], arrays[f"feature{i}"], f"fpn{i + 1}")
 
 
 def test_plainmamba_tap_norms_match_official():
@@ -117,7 +108,7 @@ def test_plainmamba_tap_norms_match_official():
     w, b = sd[f"{prefix}.weight"], sd[f"{prefix}.bias"]
     norm = nnx.LayerNorm(w.shape[0], epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0))
     norm.scale[...], norm.bias[...] = jnp.asarray(w), jnp.asarray(b)
-    _close(norm(jnp.asarray(arrays[f"tap{j}"])), arrays[f"feature{j}"], f"{prefix} on tap {i}")
+    assert_close_to_official(norm(jnp.asarray(arrays[f"tap{j}"])), arrays[f"feature{j}"], f"{prefix} on tap {i}")
 
 
 def test_resize_matches_official_whole_inference_rescale():
@@ -125,7 +116,7 @@ def test_resize_matches_official_whole_inference_rescale():
   side shrinks, the other grows): bilinear, align_corners=False, no antialiasing."""
   _, arrays, _ = load_seg_golden(GOLDENS / "seg_plainmamba_reduced.npz")
   got = layers.resize(jnp.asarray(arrays["logits"]), arrays["whole_logits"].shape[1:3])
-  _close(got, arrays["whole_logits"], "resized logits")
+  assert_close_to_official(got, arrays["whole_logits"], "resized logits")
 
 
 @pytest.mark.parametrize("n_in,n_out", [(2, 3), (3, 2), (5, 6), (7, 3), (16, 6), (4, 4), (1, 1)])
@@ -152,8 +143,8 @@ def test_official_rope_tables_match_the_checkpoint_buffers():
   against the formula the conversion checks them with."""
   sd, _, kw = load_seg_golden(GOLDENS / "seg_vim_s_reduced.npz")
   cos, sin = official_rope_tables(kw["embed_dim"], kw["img_size"] // 16)
-  _close(cos, sd["backbone.rope.freqs_cos"], "freqs_cos", rel=1e-6)
-  _close(sin, sd["backbone.rope.freqs_sin"], "freqs_sin", rel=1e-6)
+  assert_close_to_official(cos, sd["backbone.rope.freqs_cos"], "freqs_cos", rel=1e-6)
+  assert_close_to_official(sin, sd["backbone.rope.freqs_sin"], "freqs_sin", rel=1e-6)
 
 
 SYNC_BN_SCRIPT = """
