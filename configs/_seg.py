@@ -61,6 +61,8 @@ def base(model_name: str, arg=None):
   c.model.channels = ph(int)                   # decode head
   c.model.aux_channels = ph(int)
   c.seg = seg_section(family)
+  # --mode=bench: the forward and the train step at 512, bf16, batch 8 / 16 / 32 per device.
+  c.bench.batch_sizes, c.bench.dtypes = (8, 16, 32), ("bfloat16",)
 
   c.data.source = "ade20k"
   c.data.name = "scene_parse150"               # the TFDS copy (source="tfds")

@@ -149,3 +149,25 @@ def test_comparison_table_and_pictures(tmp_path):
   assert "| evit | 16 -> 14 |" in table
   assert [r["variant"] for r in result["compare"]] == ["dense", "top", "removal", "evit"]
   assert os.path.getsize(os.path.join(tmp_path, "segmentation.png")) > 10_000
+
+
+def test_segmentation_study_reports_miou(tmp_path):
+  """--mode=study on a segmentation config: the dense model, ToP zero-shot and fine-tuned and the
+  dense fine-tune, reported as mIoU with GFLOPs from the segmentation counter."""
+  from configs import seg_cifar
+  from toppax import study
+  c = seg_cifar.get_config("runlocal")
+  c.unlock()
+  c.study.methods = ("top",)
+  c.study.finetune_steps = 1
+  c.total_steps = 2
+  c.data.eval_examples = 8
+  out = study.run(c, str(tmp_path))
+  assert out["metric"] == "mIoU"
+  rows = {r["key"]: r for r in out["rows"]}
+  assert set(rows) == {"seed0/dense/r1/-", "seed0/top/r0.5/clip", "seed0/dense+ft/r1/-"}
+  top, dense = rows["seed0/top/r0.5/clip"], rows["seed0/dense/r1/-"]
+  assert top["tokens"] == "64 -> 32" and top["gflops"] < dense["gflops"]
+  assert 0.0 <= top["zero_shot_mIoU"] <= 1.0 and 0.0 <= top["finetuned_mIoU"] <= 1.0
+  assert "zero-shot mIoU %" in (tmp_path / "study.md").read_text()
+  assert os.path.getsize(tmp_path / "study.png") > 0
