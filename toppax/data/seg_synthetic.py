@@ -38,7 +38,19 @@ def _split_id(split: str) -> int:
   raise ValueError(f"splits are 'train' and 'validation', got {split!r}")
 
 
-class SegDigitsSource:
+class _Scenes:
+  """``num`` square scenes of ``side`` pixels, each made from its index (``load``)."""
+  num: int
+  side: int
+
+  def __len__(self):
+    return self.num
+
+  def size(self, index):
+    return self.side, self.side
+
+
+class SegDigitsSource(_Scenes):
   """Digits on a canvas (see the module docstring); ``num`` scenes, labels 0..9 + 10."""
   classes = DIGIT_CLASSES
   num_classes = len(DIGIT_CLASSES)
@@ -59,12 +71,6 @@ class SegDigitsSource:
                        "canvas: give fractions with 4 px <= min <= max <= the canvas")
     self.digit_sides = (lo, hi)
     self.num = num or (4096 if self.split_id == 0 else 512)
-
-  def __len__(self):
-    return self.num
-
-  def size(self, index):
-    return self.side, self.side
 
   def load(self, index):
     n = self.side
@@ -89,7 +95,7 @@ class SegDigitsSource:
     return image.astype(np.uint8), label
 
 
-class CifarScenesSource:
+class CifarScenesSource(_Scenes):
   """CIFAR photos pasted onto textured backgrounds (see the module docstring)."""
   classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
              "truck", "background")
@@ -106,12 +112,6 @@ class CifarScenesSource:
     self.backgrounds, self.objects = idx[idx % 4 == 0], idx[idx % 4 != 0]
     self.side, self.max_objects, self.seed = size, max_objects, seed
     self.num = num or (len(self.objects) if self.split_id == 0 else len(self.objects) // 4)
-
-  def __len__(self):
-    return self.num
-
-  def size(self, index):
-    return self.side, self.side
 
   def load(self, index):
     n = self.side
