@@ -85,12 +85,8 @@ class SegmentationTask:
     config = self.config
     out = {}
     if config.compare:
-      rows = compare(config, factory.eval_params(config, state), state["rngs"], self.eval_source,
-                     mesh)
-      table = format_compare(rows, config)
-      print(table, flush=True)
-      classification_eval.write_table(rows, table, workdir)
-      out["compare"] = rows
+      out["compare"] = compare_and_report(config, factory.eval_params(config, state),
+                                          state["rngs"], self.eval_source, mesh, workdir)
     if config.seg.get("pictures", 0):
       out["pictures"] = save_pictures(config, factory.eval_params(config, state), state["rngs"],
                                       self.eval_source, workdir)
@@ -195,6 +191,15 @@ def compare(config, params, rngs, source, mesh, variants=None) -> list[dict]:
   return rows
 
 
+def compare_and_report(config, params, rngs, source, mesh, workdir) -> list[dict]:
+  """``compare``'s rows, printed as a table and written as ``compare.md`` / ``compare.json``."""
+  rows = compare(config, params, rngs, source, mesh)
+  table = format_compare(rows, config)
+  print(table, flush=True)
+  classification_eval.write_table(rows, table, workdir)
+  return rows
+
+
 def _token_counts(config, pruning) -> str:
   model = nnx.eval_shape(lambda: factory.create_model(config, pruning=pruning))
   backbone = model.backbone
@@ -263,11 +268,7 @@ def run_eval(config, workdir: str) -> dict:
   defs = factory.model_defs(config)
   params, rngs = classification_eval.params_to_evaluate(config, workdir, defs, mesh)
   if config.compare:
-    rows = compare(config, params, rngs, source, mesh)
-    table = format_compare(rows, config)
-    print(table, flush=True)
-    classification_eval.write_table(rows, table, workdir)
-    return {"compare": rows}
+    return {"compare": compare_and_report(config, params, rngs, source, mesh, workdir)}
   summary = evaluate(config, defs.eval, params, rngs, source, mesh)
   print(metrics.format_table(summary), flush=True)
   if jax.process_index() == 0:
