@@ -2,7 +2,7 @@
 
 ADE20K is not available here, so the scenes are built from real CIFAR-10 photos
 (toppax.data.seg_synthetic.CifarScenesSource): each 128x128 scene is a background photo, upscaled,
-blurred and colour-jittered into a texture (class 10, background), with 2-4 other CIFAR photos
+blurred and colour-jittered into a texture (class 10, background), with 2-5 other CIFAR photos
 pasted on it as opaque squares of 25-64 px at random places; every pixel of a pasted square is
 labelled with that photo's class (0-9). Train scenes come from cifar10-train20k.zip, test scenes
 from cifar10-test.zip (../shared/data/cifar10/). A ViM-T-width UperNet (12 blocks, dim 192, patch
@@ -16,7 +16,7 @@ zero-shot and after the same short fine-tune, two seeds (``--mode=study``, toppa
 Arguments: `data=DIR` (the folder holding the two CIFAR-10 zips), `steps=N` (dense training
 iterations), `ft_steps=N`, `seeds=0+1`, `ratios=0.5+0.7`, `cpu` (the study at CPU scale: 64 px
 scenes, 6 blocks of width 64, 64 tokens, pruning after blocks 2 and 4, no random rescale, 1,500
-steps and 200 fine-tuning steps; about 40 minutes on 2 cores), `runlocal` (a CPU smoke run on
+steps and 200 fine-tuning steps; about 45 minutes on 2 cores), `runlocal` (a CPU smoke run on
 64 px digit scenes).
 """
 from configs import _seg, common
