@@ -151,6 +151,7 @@ def test_comparison_table_and_pictures(tmp_path):
   assert os.path.getsize(os.path.join(tmp_path, "segmentation.png")) > 10_000
 
 
+@pytest.mark.slow
 def test_segmentation_study_reports_miou(tmp_path):
   """--mode=study on a segmentation config: the dense model, ToP zero-shot and fine-tuned and the
   dense fine-tune, reported as mIoU with GFLOPs from the segmentation counter."""
