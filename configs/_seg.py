@@ -8,8 +8,8 @@ its no-decay keys, poly with the same warm-up, 160k iterations at batch 16 (8 GP
 inference. Both: mmseg's ADE20K pipeline (random rescale 0.5-2.0 of 2048x512, 512 crops with
 cat_max_ratio 0.75, flip, photometric distortion), cross-entropy + 0.4 x the auxiliary head's,
 SyncBN over the data-parallel batch, the backbone started from the official classification
-checkpoint (``--config.init_from=<.pth>``: the official classification .pth; the classifier is
-dropped, and for Vim also the cls token and its position-embedding row, the patch rows resampled).
+checkpoint (``--config.init_from=<.pth>``; the classifier is dropped, and for Vim also the cls
+token and its position-embedding row, the patch rows resampled).
 
 Each configs/seg_<model>.py takes these arguments: `top`, `removal`, `evit` (train with the
 backbone pruned: the paper's schedule with alignment, plain removal, or EViT's fused token),
@@ -141,4 +141,3 @@ def base(model_name: str, arg=None):
     if c.get("layer_decay_num_layers"):
       c.layer_decay_num_layers = 4
   return c
-
