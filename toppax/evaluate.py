@@ -143,8 +143,10 @@ def format_table(rows, config) -> str:
       "warm-up.")
 
 
-def write_table(rows, table: str, workdir):
-  """``compare.json`` (the rows) and ``compare.md`` (``table``) in ``workdir``, process 0 only."""
+def report_table(rows, table: str, workdir):
+  """Prints ``table``; writes ``compare.json`` (the rows) and ``compare.md`` (``table``) in
+  ``workdir`` (process 0 only)."""
+  print(table, flush=True)
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
@@ -180,9 +182,7 @@ def run_eval(config, workdir: str) -> dict:
   params, rngs = params_to_evaluate(config, workdir, defs, mesh)
   if config.compare:
     rows = compare(config, params, rngs, source, mesh)
-    table = format_table(rows, config)
-    print(table, flush=True)
-    write_table(rows, table, workdir)
+    report_table(rows, format_table(rows, config), workdir)
     return {"compare": rows}
   m = evaluate(config, defs.eval, params, rngs, source, mesh)
   print(f"{config.model.name}: top-1 {100 * m['top1']:.2f}% top-5 {100 * m['top5']:.2f}% "

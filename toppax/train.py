@@ -65,9 +65,7 @@ class ClassificationTask:
       return {}
     rows = evaluate.compare(config, factory.eval_params(config, state), state["rngs"],
                             self.eval_source, mesh)
-    table = evaluate.format_table(rows, config)
-    print(table, flush=True)
-    evaluate.write_table(rows, table, workdir)
+    evaluate.report_table(rows, evaluate.format_table(rows, config), workdir)
     return {"compare": rows}
 
 

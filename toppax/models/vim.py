@@ -22,8 +22,8 @@ REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "auto": None,
 }
+REMAT_CHOICES = (*REMAT_POLICIES, "auto")
 
 
 def remat_policy(remat: str) -> str:
@@ -70,8 +70,8 @@ class ViMConfig:
 
   def __post_init__(self):
     check_image_size(self.img_size, self.patch_size, self.stride)
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.remat not in REMAT_CHOICES:
+      raise ValueError(f"remat must be one of {sorted(REMAT_CHOICES)}, got {self.remat!r}")
     if self.rope and (self.cls_token or self.num_patches % 2):
       raise ValueError(f"rope=True needs an even number of patch tokens and no cls token (as "
                        f"Vim's segmentation backbone); got {self.num_patches} patches, "

@@ -194,9 +194,7 @@ def compare(config, params, rngs, source, mesh, variants=None) -> list[dict]:
 def compare_and_report(config, params, rngs, source, mesh, workdir) -> list[dict]:
   """``compare``'s rows, printed as a table and written as ``compare.md`` / ``compare.json``."""
   rows = compare(config, params, rngs, source, mesh)
-  table = format_compare(rows, config)
-  print(table, flush=True)
-  classification_eval.write_table(rows, table, workdir)
+  classification_eval.report_table(rows, format_compare(rows, config), workdir)
   return rows
 
 
