@@ -7,7 +7,8 @@ at random positions and scales on a ``size`` x ``size`` canvas. Scene i draws, f
 of the canvas, default [1/4, 1/2]), placed
 fully inside the canvas and tinted with a bright random colour. A pixel is labelled with the
 digit's class (0..9) where that digit's ink is at least 1/4 of full scale, else it keeps what
-was under it (``label_mode="box"``: every pixel of the digit's square); background is class 10. Later digits cover earlier ones in image and label alike.
+was under it (``label_mode="box"``: every pixel of the digit's square); background is class 10.
+Later digits cover earlier ones in image and label alike.
 
 ``CifarScenesSource``: a real-image proxy built from the CIFAR-10 class-folder zips
 (../shared/data/cifar10/). Every fourth image of the zip (index % 4 == 0, all classes) is a
