@@ -156,7 +156,8 @@ def base_config():
   c.bench.batch_sizes = (128, 256)
   c.bench.dtypes = ("bfloat16", "float32")
   c.bench.variants = ("dense", "top")
-  c.bench.train = True            # also time one data-parallel train step
+  c.bench.infer = True            # time the jitted forward on one device
+  c.bench.train = True            # time one data-parallel train step
   c.bench.devices = (0,)          # device counts for the train step; 0 = all local devices
   c.bench.repeats = 10
   c.bench.warmup = 2

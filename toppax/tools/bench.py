@@ -157,6 +157,8 @@ def _run_job(config, job: dict) -> dict:
 
 def run(config, workdir: str | None = None) -> dict:
   b = config.bench
+  if not (b.infer or b.train):
+    raise ValueError("config.bench.infer and config.bench.train are both False: nothing to time")
   devices = jax.devices()
   result = {"model": config.model.name, "img_size": config.model.img_size,
             "backend": jax.default_backend(), "device": devices[0].device_kind,
@@ -168,11 +170,11 @@ def run(config, workdir: str | None = None) -> dict:
       for bs in b.batch_sizes:
         gflops, _ = evaluate.model_gflops(c, factory.prune_config(c, variant))
         row = {"variant": variant, "dtype": dtype, "batch_per_device": bs, "gflops": gflops}
-        m = _run_job(config, {"kind": "infer", "variant": variant, "dtype": dtype, "batch": bs,
-                              "devices": 1})
-        if "error" in m:
+        m = (_run_job(config, {"kind": "infer", "variant": variant, "dtype": dtype,
+                               "batch": bs, "devices": 1}) if b.infer else None)
+        if m is not None and "error" in m:
           row["infer_error"] = m["error"]
-        else:
+        elif m is not None:
           row.update(infer_img_per_s=m["img_per_s"], infer_ms_per_batch=1e3 * bs / m["img_per_s"],
                      infer_first_call_s=m["first_call_s"], infer_peak_bytes=m["peak_bytes"])
         if b.train:
@@ -226,7 +228,8 @@ def format_markdown(result) -> str:
              and "infer_img_per_s" in d else "")
     cells = [r["variant"], r["dtype"], str(r["batch_per_device"]),
              f"{r['gflops']:.3f}" if "gflops" in r else "",
-             f"{r['infer_img_per_s']:.1f}" if "infer_img_per_s" in r else "error",
+             (f"{r['infer_img_per_s']:.1f}" if "infer_img_per_s" in r
+              else "error" if "infer_error" in r else ""),
              f"{r['infer_ms_per_batch']:.2f}" if "infer_ms_per_batch" in r else "", ratio,
              _gib(r.get("infer_peak_bytes")),
              f"{r['infer_first_call_s']:.1f}" if "infer_first_call_s" in r else ""]
