@@ -172,8 +172,8 @@ def run(config, workdir: str) -> dict:
   mesh = sharding.make_mesh()
   task = _Task(config)
   header = {"model": config.model.to_dict(), "pruning_layers": list(config.pruning.layers),
-            "study": s.to_dict(), "train": {"epochs": config.num_epochs,
-                                             "batch_size": config.batch_size, "lr": config.lr},
+            "study": s.to_dict(), "train": _train_length(config) | {
+                "batch_size": config.batch_size, "lr": config.lr},
             "device": jax.devices()[0].device_kind, "versions": versions(), "metric": task.metric}
   eval_source = None
   entries = [(m, float(r), s.importance) for r in s.keep_ratios for m in s.methods]
@@ -242,6 +242,12 @@ def run(config, workdir: str) -> dict:
                    100 * task.result(res), seed, total - left, total,
                    format_duration((left + later) * rate))
   return write_report(workdir)
+
+
+def _train_length(config):
+  """The dense run's length as the config sets it: steps where given, else epochs."""
+  steps = config.get("total_steps")
+  return {"steps": int(steps)} if steps else {"epochs": config.num_epochs}
 
 
 def _part(spec):
