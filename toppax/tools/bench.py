@@ -9,7 +9,8 @@ with the auxiliary head) on the mesh of the first k devices for each k in
 process k times the batch). Each measurement runs in a process of its own, so that its peak
 device memory (``memory_stats()["peak_bytes_in_use"]``, where the backend reports it) is its
 own. Warm-up (compilation) is excluded, every timing ends in ``block_until_ready``, the figure is
-the median over ``repeats``. Results go to ``<workdir>/bench.json`` and ``bench.md`` with the
+the median over ``repeats``; the first call's time is kept, split into lowering and XLA
+compilation (``toppax.timing.compile_stages``). Results go to ``<workdir>/bench.json`` and ``bench.md`` with the
 device, versions and commit.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from toppax import augment, evaluate, factory, optim, sharding, train
-from toppax.timing import time_call, versions
+from toppax.timing import compile_stages, time_call, versions
 
 
 def commit() -> str:
@@ -69,7 +70,8 @@ def _synthetic_batch(config, n, seed=0):
 
 
 def bench_inference(config, variant, batch_size, repeats, warmup):
-  """(img/s of the jitted forward on one device, seconds of its first call)."""
+  """(img/s of the jitted forward on one device, seconds of its first call, the first call's
+  compilation stages: ``toppax.timing.compile_stages``)."""
   pruning = factory.prune_config(config, variant)
   model = factory.create_model(config, pruning=pruning)
   model.eval()
@@ -80,10 +82,11 @@ def bench_inference(config, variant, batch_size, repeats, warmup):
   f = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x))
   p, r = nnx.to_pure_dict(params), nnx.to_pure_dict(rngs)
   t0 = time.perf_counter()
-  jax.block_until_ready(f(p, r, images))
+  with compile_stages() as stages:
+    jax.block_until_ready(f(p, r, images))
   first = time.perf_counter() - t0
   t = time_call(f, p, r, images, repeats=repeats, warmup=max(warmup - 1, 0))
-  return batch_size / t, first
+  return batch_size / t, first, stages
 
 
 def _loss_of(config):
@@ -96,7 +99,8 @@ def _loss_of(config):
 
 
 def bench_train_step(config, variant, per_device_batch, num_devices, repeats, warmup):
-  """(train-step img/s on ``num_devices``, seconds of the first step incl. compilation)."""
+  """(train-step img/s on ``num_devices``, seconds of the first step incl. compilation, its
+  compilation stages)."""
   c = copy.deepcopy(config)
   p = factory.prune_config(c, variant)
   c.pruning.enabled = p is not None
@@ -112,8 +116,9 @@ def bench_train_step(config, variant, per_device_batch, num_devices, repeats, wa
   step = train.make_train_step(c, defs, tx, schedule, mesh, _loss_of(c))
   batch = sharding.to_global(_synthetic_batch(c, c.batch_size), mesh)
   t0 = time.perf_counter()
-  state, m = step(state, batch)
-  jax.block_until_ready(state)
+  with compile_stages() as stages:
+    state, m = step(state, batch)
+    jax.block_until_ready(state)
   first = time.perf_counter() - t0
   for _ in range(warmup - 1):
     state, m = step(state, batch)
@@ -124,7 +129,7 @@ def bench_train_step(config, variant, per_device_batch, num_devices, repeats, wa
     state, m = step(state, batch)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t)
-  return c.batch_size / statistics.median(times), first
+  return c.batch_size / statistics.median(times), first, stages
 
 
 def measure(config, job: dict) -> dict:
@@ -133,11 +138,12 @@ def measure(config, job: dict) -> dict:
   c = _variant_config(config, job["dtype"])
   b = config.bench
   if job["kind"] == "infer":
-    ips, first = bench_inference(c, job["variant"], job["batch"], b.repeats, b.warmup)
+    ips, first, stages = bench_inference(c, job["variant"], job["batch"], b.repeats, b.warmup)
   else:
-    ips, first = bench_train_step(c, job["variant"], job["batch"], job["devices"], b.repeats,
-                                  b.warmup)
-  return {"img_per_s": ips, "first_call_s": first, "peak_bytes": peak_memory_bytes()}
+    ips, first, stages = bench_train_step(c, job["variant"], job["batch"], job["devices"],
+                                          b.repeats, b.warmup)
+  return {"img_per_s": ips, "first_call_s": first, "peak_bytes": peak_memory_bytes(),
+          "first_call_stages": stages}
 
 
 def _run_job(config, job: dict) -> dict:
@@ -176,7 +182,8 @@ def run(config, workdir: str | None = None) -> dict:
           row["infer_error"] = m["error"]
         elif m is not None:
           row.update(infer_img_per_s=m["img_per_s"], infer_ms_per_batch=1e3 * bs / m["img_per_s"],
-                     infer_first_call_s=m["first_call_s"], infer_peak_bytes=m["peak_bytes"])
+                     infer_first_call_s=m["first_call_s"], infer_peak_bytes=m["peak_bytes"],
+                     infer_first_call_stages=m["first_call_stages"])
         if b.train:
           for k in dict.fromkeys(k or len(devices) for k in b.devices):
             m = _run_job(config, {"kind": "train", "variant": variant, "dtype": dtype,
@@ -186,6 +193,7 @@ def run(config, workdir: str | None = None) -> dict:
               continue
             row[f"train_img_per_s_{k}dev"] = m["img_per_s"]
             row[f"train_first_step_s_{k}dev"] = m["first_call_s"]
+            row[f"train_first_step_stages_{k}dev"] = m["first_call_stages"]
             row[f"train_peak_bytes_{k}dev"] = m["peak_bytes"]
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
@@ -205,6 +213,14 @@ def _write(result, workdir):
 
 def _gib(v) -> str:
   return "" if v is None else f"{v / 2**30:.1f}"
+
+
+def _first_call(seconds, stages) -> str:
+  if seconds is None:
+    return ""
+  if not stages:
+    return f"{seconds:.1f}"
+  return f"{seconds:.1f} ({stages['lower_s']:.1f} + {stages['compile_s']:.1f})"
 
 
 def format_markdown(result) -> str:
@@ -232,7 +248,7 @@ def format_markdown(result) -> str:
               else "error" if "infer_error" in r else ""),
              f"{r['infer_ms_per_batch']:.2f}" if "infer_ms_per_batch" in r else "", ratio,
              _gib(r.get("infer_peak_bytes")),
-             f"{r['infer_first_call_s']:.1f}" if "infer_first_call_s" in r else ""]
+             _first_call(r.get("infer_first_call_s"), r.get("infer_first_call_stages"))]
     for k in train_cols:
       n = k.rsplit("_", 1)[1]
       cells += [f"{r[k]:.1f}" if k in r else ("error" if f"train_error_{n}" in r else ""),
@@ -241,7 +257,8 @@ def format_markdown(result) -> str:
   lines.append(f"median of {result['repeats']} timed calls after {result['warmup']} warm-up "
                "calls, block_until_ready; one process per measurement (peak GiB: that "
                "process's peak device memory); train = full data-parallel step; first call s = "
-               "the first jitted call (tracing + compilation + one run); GFLOPs: "
+               "the first jitted call (tracing + compilation + one run), in brackets its seconds of "
+               "lowering (kernel compiles included) + XLA compilation; GFLOPs: "
                "toppax.tools.flops.")
   return "\n".join(lines)
 
