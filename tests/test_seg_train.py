@@ -172,3 +172,19 @@ def test_segmentation_study_reports_miou(tmp_path):
   assert 0.0 <= top["zero_shot_mIoU"] <= 1.0 and 0.0 <= top["finetuned_mIoU"] <= 1.0
   assert "zero-shot mIoU %" in (tmp_path / "study.md").read_text()
   assert os.path.getsize(tmp_path / "study.png") > 0
+
+
+def test_eval_step_is_shared_by_runs_that_differ_only_in_training_fields():
+  from toppax import factory, sharding
+  c = seg_vim_t.get_config("runlocal")
+  c2 = seg_vim_t.get_config("runlocal")
+  c2.lr, c2.total_steps, c2.init_from = 1e-5, 7, "/somewhere"
+  c2.model.drop_path_rate = 0.0
+  assert seg_train._eval_fields(c2) == seg_train._eval_fields(c)
+  c3 = seg_vim_t.get_config("runlocal")
+  c3.seg.test_mode = "whole" if c.seg.test_mode == "slide" else "slide"
+  assert seg_train._eval_fields(c3) != seg_train._eval_fields(c)
+  graphdef = factory.model_defs(c).eval
+  mesh = sharding.make_mesh()
+  assert (seg_train._eval_step(graphdef, seg_train._eval_fields(c), mesh)
+          is seg_train._eval_step(graphdef, seg_train._eval_fields(c2), mesh))

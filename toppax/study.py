@@ -220,15 +220,17 @@ def run(config, workdir: str) -> dict:
       if key in results.done():
         continue
       c = _pruned(cs, "dense" if method == "dense+ft" else method, ratio, importance)
+      # The zero-shot evaluation builds the fine-tune's model (they differ only in training
+      # fields such as drop-path), so the fine-tune's final evaluation reuses its compilation.
+      ft = _finetune(c, dense_dir)
       zero = None
       if method != "dense+ft":
-        pdefs = factory.model_defs(c)
-        rngs = factory.with_stats(factory.fresh_rngs(c, sharding.replicated(mesh)), stats)
-        zero = task.evaluate(c, pdefs, params, rngs, eval_source, mesh)
+        pdefs = factory.model_defs(ft)
+        rngs = factory.with_stats(factory.fresh_rngs(ft, sharding.replicated(mesh)), stats)
+        zero = task.evaluate(ft, pdefs, params, rngs, eval_source, mesh)
       name = f"{method}-r{ratio:g}-{importance}".replace("+", "_")
       t = time.perf_counter()
-      res = task.train(_finetune(c, dense_dir),
-                                     os.path.join(seed_dir, name))
+      res = task.train(ft, os.path.join(seed_dir, name))
       results.rows[key] = _row(task, c, key, seed, method, ratio, importance, zero,
                                task.result(res),
                                train_s=time.perf_counter() - t)

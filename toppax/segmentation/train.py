@@ -124,10 +124,18 @@ def _to_label_canvas(logits, image_size, label_size, label_hw):
       jnp.zeros((2,), jnp.float32), method="linear", antialias=False)
 
 
+def _eval_fields(config) -> str:
+  """What the evaluation step depends on besides the model: its compilation cache key, so that
+  runs differing only in training fields (a fine-tune after a zero-shot evaluation) share it."""
+  return json.dumps({"data": {k: config.data.get(k) for k in ("num_classes", "mean", "std")},
+                     "seg": {k: config.seg.get(k) for k in ("test_mode", "slide_stride")}},
+                    sort_keys=True, default=list)
+
+
 @functools.lru_cache(maxsize=16)
-def _eval_step(graphdef, config_json: str, mesh):
+def _eval_step(graphdef, fields_json: str, mesh):
   from ml_collections import ConfigDict
-  config = ConfigDict(json.loads(config_json))
+  config = ConfigDict(json.loads(fields_json))
   num_classes = config.data.num_classes
 
   def step(params, rngs, batch):
@@ -149,7 +157,7 @@ def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None) ->
   """mmseg's metrics over ``source`` (all of it unless limited): the summary of
   ``toppax.segmentation.metrics.summarize`` plus ``count`` (images)."""
   sharding.check_batch(config.eval_batch_size, mesh, name="config.eval_batch_size")
-  step = _eval_step(graphdef, config.to_json_best_effort(), mesh)
+  step = _eval_step(graphdef, _eval_fields(config), mesh)
   acc = metrics.Accumulator(config.data.num_classes)
   count = 0
   n = num_examples or config.data.get("eval_examples", 0) or None
