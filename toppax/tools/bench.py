@@ -10,8 +10,8 @@ process k times the batch). Each measurement runs in a process of its own, so th
 device memory (``memory_stats()["peak_bytes_in_use"]``, where the backend reports it) is its
 own. Warm-up (compilation) is excluded, every timing ends in ``block_until_ready``, the figure is
 the median over ``repeats``; the first call's time is kept, split into lowering and XLA
-compilation (``toppax.timing.compile_stages``). Results go to ``<workdir>/bench.json`` and ``bench.md`` with the
-device, versions and commit.
+compilation (``toppax.timing.compile_stages``). Results go to ``<workdir>/bench.json`` and
+``bench.md`` with the device, versions and commit.
 """
 from __future__ import annotations
 
