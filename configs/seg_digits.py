@@ -5,9 +5,10 @@ as configs/digits.py), upscaled to 32-51 px and placed at random on a dark, nois
 pixels of the digit's square take its class (0-9), the rest is background, class 10
 (toppax.data.seg_synthetic.SegDigitsSource, label_mode "box"). A 4-block ViM (patch 8, dim 64:
 64 tokens, no cls token) under mmseg's UperNet (neck fpn1-fpn4, UPerHead, FCN auxiliary head)
-trains from scratch, dense; then the same weights are evaluated dense, ToP-pruned (alignment) and with plain removal
-(blocks 2 and 3, keep ratio 0.7: 64 -> 45 -> 32 tokens), printing mIoU, GFLOPs and img/s, and
-``segmentation.png`` shows images, ground truth, predictions and the tokens each stage keeps.
+trains from scratch, dense; then the same weights are evaluated dense, ToP-pruned (alignment)
+and with plain removal (blocks 2 and 3, keep ratio 0.7: 64 -> 45 -> 32 tokens), printing mIoU,
+GFLOPs and img/s, and ``segmentation.png`` shows images, ground truth, predictions and the
+tokens each stage keeps.
 
   python -m toppax.main --config=configs/seg_digits.py
 

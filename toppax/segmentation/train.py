@@ -12,7 +12,6 @@ BatchNorm statistics cover the whole data-parallel batch (SyncBN, toppax.factory
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 
@@ -96,14 +95,12 @@ class SegmentationTask:
 # --- evaluation ------------------------------------------------------------------------------------
 
 
-def _predict(model, images, config):
-  """Logits at the images' size, by ``config.seg.test_mode``: "whole" or "slide" (windows of
-  the model's img_size every ``config.seg.slide_stride`` pixels, mmseg's slide mode)."""
-  mode = config.seg.test_mode
+def _predict(model, images, mode, stride):
+  """Logits at the images' size, by ``config.seg.test_mode`` (``mode``): "whole" or "slide"
+  (windows of the model's img_size every ``stride`` pixels, mmseg's slide mode)."""
   if mode == "whole":
     return model(images)
   if mode == "slide":
-    stride = tuple(config.seg.slide_stride) if config.seg.get("slide_stride") else None
     return inference.slide_inference(model, images, stride=stride)
   raise ValueError(f"config.seg.test_mode must be 'whole' or 'slide', got {mode!r}")
 
@@ -124,24 +121,23 @@ def _to_label_canvas(logits, image_size, label_size, label_hw):
       jnp.zeros((2,), jnp.float32), method="linear", antialias=False)
 
 
-def _eval_fields(config) -> str:
-  """What the evaluation step depends on besides the model: its compilation cache key, so that
-  runs differing only in training fields (a fine-tune after a zero-shot evaluation) share it."""
-  return json.dumps({"data": {k: config.data.get(k) for k in ("num_classes", "mean", "std")},
-                     "seg": {k: config.seg.get(k) for k in ("test_mode", "slide_stride")}},
-                    sort_keys=True, default=list)
+def _eval_fields(config) -> tuple:
+  """What the evaluation step depends on besides the model, hashable: its compilation cache
+  key, so that runs differing only in training fields (a fine-tune after a zero-shot
+  evaluation) share it."""
+  stride = config.seg.get("slide_stride")
+  return (config.data.num_classes, tuple(config.data.mean), tuple(config.data.std),
+          config.seg.test_mode, tuple(stride) if stride else None)
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_step(graphdef, fields_json: str, mesh):
-  from ml_collections import ConfigDict
-  config = ConfigDict(json.loads(fields_json))
-  num_classes = config.data.num_classes
+def _eval_step(graphdef, fields: tuple, mesh):
+  num_classes, mean, std, mode, stride = fields
 
   def step(params, rngs, batch):
-    images = augment.normalize(batch["image"], config.data.mean, config.data.std)
+    images = augment.normalize(batch["image"], mean, std)
     logits, _ = sharding.apply_model(graphdef, params, rngs, images, mesh,
-                                     call=lambda m, x: _predict(m, x, config))
+                                     call=lambda m, x: _predict(m, x, mode, stride))
     label_hw = batch["label"].shape[1:3]
     canvas = jax.vmap(lambda l, s, ls: _to_label_canvas(l, s, ls, label_hw))(
         logits.astype(jnp.float32), batch["image_size"], batch["label_size"])
