@@ -171,8 +171,9 @@ def study(seeds=(0, 1), keep_ratios=(0.5, 0.7, 0.9), methods=("top", "removal", 
   """``--mode=study`` (toppax.study): dense training per seed, then every method at every keep
   ratio zero-shot and after ``finetune_epochs`` of pruned fine-tuning (lr, no warm-up, cosine
   to ``finetune_min_lr``); the importance ablation with ToP at ``ablation_ratio``.
-  ``finetune_steps > 0`` overrides the epochs (smoke runs). ``part="i/n"``: this process runs
-  every n-th entry (n processes share a workdir, e.g. two on one GPU)."""
+  ``finetune_steps > 0`` overrides the epochs (smoke runs). ``part="i/n"``: n processes share a
+  workdir (e.g. several on one GPU); part 0 trains the dense models, the others share the
+  entries and compile theirs meanwhile."""
   return ml_collections.ConfigDict(dict(
       seeds=tuple(seeds), keep_ratios=tuple(keep_ratios), methods=tuple(methods),
       importance=importance, importances=tuple(importances), ablation_ratio=ablation_ratio,

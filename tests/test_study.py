@@ -167,6 +167,49 @@ def test_load_params_checks_shapes_and_reads_exported_params(tmp_path):
 def test_study_parts_split_the_entries():
   assert study._part("") == (0, 1)
   assert study._part("1/3") == (1, 3)
+  entries = list("abcdefg")
+  assert study._share(entries, 0, 3) == []            # part 0 trains the dense models
+  assert study._share(entries, 1, 3) == list("aceg")
+  assert study._share(entries, 2, 3) == list("bdf")
+  assert study._share(entries, 1, 2) == entries
+  assert sorted(sum((study._share(entries, i, 8) for i in range(8)), [])) == entries
   for bad in ("3/3", "x", "1/0"):
     with pytest.raises(ValueError, match="config.study.part"):
       study._part(bad)
+
+
+def test_compile_ahead_lets_the_fine_tune_load_its_programs(data_dir, tmp_path, caplog):
+  """A study part compiles its fine-tune's train and eval steps from shapes while the dense
+  model trains; the fine-tune then loads its train step from the persistent compilation cache
+  and compiles neither step again."""
+  import logging
+  from jax.experimental.compilation_cache import compilation_cache
+  from toppax import sharding
+  c = cifar10.get_config(f"runlocal,data={data_dir}")
+  c.unlock()
+  c.total_steps, c.data.eval_examples, c.compare = 2, 8, ()
+  c.study.finetune_steps = 2
+  mesh = sharding.make_mesh()
+  task = study._Task(c)
+  dense_dir = str(tmp_path / "dense")    # an exported dense model, as part 0 leaves it
+  params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), factory.model_defs(c).params)
+  checkpointing.save_params(dense_dir, params,
+                            factory.fresh_rngs(c, sharding.replicated(mesh)), {"note": "test"})
+  ft = study._finetune(study._pruned(c, "top", 0.5, "clip"), dense_dir)
+
+  old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+  try:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    study._persistent_compilation_cache(str(tmp_path))
+    assert task.compile_ahead(ft, mesh) > 0
+    assert os.listdir(tmp_path / "compilation_cache")
+    with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
+      caplog.clear()
+      task.train(ft, str(tmp_path / "ft"))
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+  log = caplog.text
+  assert "cache hit for 'jit_train_step'" in log
+  assert "MISS for 'jit_train_step'" not in log and "MISS for 'jit_step'" not in log

@@ -37,14 +37,20 @@ def _eval_step(graphdef, mean, std, mesh):
   return jax.jit(step, in_shardings=(repl, repl, data), out_shardings=repl)
 
 
-def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None) -> dict:
-  """{"top1", "top5", "loss", "count"} over the eval source (all of it unless limited)."""
+def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None,
+             compile_only=False) -> dict:
+  """{"top1", "top5", "loss", "count"} over the eval source (all of it unless limited).
+  ``compile_only``: compile the step for the first batch and return {} (``params`` and
+  ``rngs`` may be abstract); see ``toppax.train.compile_ahead``."""
   step = _eval_step(graphdef, tuple(config.data.mean), tuple(config.data.std), mesh)
   sharding.check_batch(config.eval_batch_size, mesh, name="config.eval_batch_size")
   totals = None
   n = num_examples or config.data.eval_examples or None
   with input_pipeline.eval_batches(source, config, n) as batches:
     for batch in batches:
+      if compile_only:
+        step.lower(params, rngs, sharding.to_global(batch, mesh)).compile()
+        return {}
       out = step(params, rngs, sharding.to_global(batch, mesh))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)

@@ -13,7 +13,11 @@ For each seed in ``config.study.seeds``:
 
 Every finished entry goes to ``<workdir>/study-seed<S>.json`` at once (``-part<i>`` appended
 when ``config.study.part`` splits the work); a rerun (or a killed one) skips what is there, and
-the training runs resume from their checkpoints. Then ``study.json`` (every seed), ``study.md``
+the training runs resume from their checkpoints. ``config.study.part="i/n"`` splits the work
+over n processes on one workdir: part 0 trains the dense models, parts 1..n-1 share the entries;
+while part 0 trains, the others compile their entries' programs into JAX's persistent
+compilation cache (``<workdir>/compilation_cache`` unless one is set), so that their
+fine-tunes start at once when the dense model is there. Then ``study.json`` (every seed), ``study.md``
 (per-seed rows and means over seeds) and ``study.png`` (top-1 or mIoU vs GFLOPs, zero-shot and
 fine-tuned) are written next to them. All methods at one keep ratio keep the same
 number of tokens per stage; their GFLOPs (toppax.tools.flops) differ only by ToP's alignment
@@ -27,6 +31,7 @@ import json
 import logging
 import os
 import statistics
+import threading
 import time
 
 import jax
@@ -111,6 +116,30 @@ class _Task:
       return self._seg.train_and_evaluate(config, workdir)
     return train.train_and_evaluate(config, workdir)
 
+  def compile_ahead(self, config, mesh) -> float:
+    """Compiles the fine-tune ``config``'s train step and its evaluation (toppax.train.
+    compile_ahead); returns the seconds it took."""
+    t = time.perf_counter()
+    if self.segmentation:
+      fit_task, evaluate_ = self._seg.SegmentationTask(config), self._seg.evaluate
+    else:
+      fit_task, evaluate_ = train.ClassificationTask(config), evaluate.evaluate
+    train.compile_ahead(config, fit_task, mesh)
+    self.compile_eval_ahead(config, mesh, fit_task.eval_source)
+    return time.perf_counter() - t
+
+  def compile_eval_ahead(self, config, mesh, source=None) -> None:
+    """Compiles the evaluation step of ``config``'s model from the parameters' shapes; the
+    evaluations of this process then run it without compiling."""
+    evaluate_ = self._seg.evaluate if self.segmentation else evaluate.evaluate
+    defs = factory.model_defs(config)
+    repl = sharding.replicated(mesh)
+    params, rngs = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                                 tree) for tree in (defs.params, defs.rngs))
+    evaluate_(config, defs.eval, params, rngs,
+              source if source is not None else self.eval_source(config), mesh,
+              compile_only=True)
+
   def eval_source(self, config):
     if self.segmentation:
       from toppax.data import seg_sources
@@ -181,11 +210,14 @@ def run(config, workdir: str) -> dict:
               if ("top", float(s.ablation_ratio), imp) not in entries]
   entries.append(("dense+ft", 1.0, "-"))
   part, parts = _part(s.get("part", ""))
-  # With parts (several processes sharing one workdir and GPU), process i takes every n-th
-  # entry; seeds after the first then hit the persistent compilation cache of their own part.
-  entries = [e for k, e in enumerate(entries) if k % parts == part]
+  if parts > 1:
+    # Several processes share one workdir (and a GPU or a few): part 0 trains the dense models,
+    # parts 1..n-1 share the entries (every (n-1)-th) and compile theirs while part 0 trains.
+    entries = _share(entries, part, parts)
+    _persistent_compilation_cache(workdir)
   total = len(entries) + 1
   t0, done_now = time.perf_counter(), 0
+  compiled = False
 
   for n_seed, seed in enumerate(s.seeds):
     suffix = f"-part{part}of{parts}" if parts > 1 else ""
@@ -199,11 +231,25 @@ def run(config, workdir: str) -> dict:
     key = _key(seed, "dense", 1.0, "-")
     dense = _pruned(cs, "dense", 1.0, "-")
     if key not in results.done() and part > 0:
+      if not compiled:
+        # The entries' programs do not depend on the seed (nor on the dense weights): compiled
+        # once, they serve every seed from the persistent cache.
+        for method, ratio, importance in entries:
+          if _key(seed, method, ratio, importance) not in results.done():
+            c = _pruned(cs, "dense" if method == "dense+ft" else method, ratio, importance)
+            t = time.perf_counter()
+            if _ahead(task.compile_ahead, _finetune(c, dense_dir), mesh):
+              logging.info("study: compiled %s ahead in %.0f s",
+                           _key(seed, method, ratio, importance), time.perf_counter() - t)
+        compiled = True
       _wait_for_dense(dense_dir, seed)
     elif key not in results.done():
       logging.info("study: training the dense model, seed %d (%s)", seed, dense_dir)
       t = time.perf_counter()
+      # The final evaluation's step compiles in the background while the model trains.
+      ahead = _in_background(task.compile_eval_ahead, dense, mesh)
       res = task.train(dense, dense_dir)
+      ahead.join()
       _export_dense(dense, dense_dir, mesh)
       results.rows[key] = _row(task, dense, key, seed, "dense", 1.0, "-", task.result(res), None,
                                train_s=time.perf_counter() - t)
@@ -263,6 +309,41 @@ def _part(spec):
   if not 0 <= i < n:
     raise ValueError(f"config.study.part={spec!r}: need 0 <= i < n")
   return i, n
+
+
+def _ahead(fn, *args) -> bool:
+  """``fn(*args)``, a compilation ahead of need: a failure is logged, not raised (what it
+  prepares then compiles when first run)."""
+  try:
+    fn(*args)
+    return True
+  except Exception as e:   # pylint: disable=broad-except
+    logging.warning("study: compiling ahead failed (%s: %s); it compiles when first run",
+                    type(e).__name__, e)
+    return False
+
+
+def _in_background(fn, *args) -> threading.Thread:
+  """``_ahead(fn, *args)`` in a thread (compilation releases the GIL)."""
+  thread = threading.Thread(target=_ahead, args=(fn, *args), daemon=True)
+  thread.start()
+  return thread
+
+
+def _share(entries, part, parts):
+  """Part ``part`` of ``parts`` > 1: none for part 0 (it trains the dense models), every
+  (n-1)-th entry for the others."""
+  return [e for k, e in enumerate(entries) if part and k % (parts - 1) == part - 1]
+
+
+def _persistent_compilation_cache(workdir):
+  """Turns on JAX's persistent compilation cache (``<workdir>/compilation_cache`` unless one is
+  set), through which the study's processes share their compiled programs."""
+  if not jax.config.jax_compilation_cache_dir:
+    from jax.experimental.compilation_cache import compilation_cache
+    compilation_cache.set_cache_dir(os.path.join(workdir, "compilation_cache"))
+    compilation_cache.reset_cache()    # takes effect also after earlier compilations
+  logging.info("study: persistent compilation cache %s", jax.config.jax_compilation_cache_dir)
 
 
 def _wait_for_dense(dense_dir, seed, poll_s=10.0):

@@ -127,8 +127,21 @@ def make_train_step(config, defs: factory.ModelDefs, tx, schedule, mesh, loss_of
   # to the same program (one persistent-compilation-cache entry serves them all).
   jitted = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                    donate_argnums=(0,))
-  base_key = jax.device_put(base_key, repl)
-  return lambda state, batch: jitted(state, batch, base_key)
+  return _Step(jitted, jax.device_put(base_key, repl))
+
+
+class _Step:
+  """``step(state, batch)``; ``step.lower(state, batch)`` lowers it without running it (``state``
+  may be abstract, as ``factory.abstract_state`` gives it)."""
+
+  def __init__(self, jitted, base_key):
+    self.jitted, self.base_key = jitted, base_key
+
+  def __call__(self, state, batch):
+    return self.jitted(state, batch, self.base_key)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, self.base_key)
 
 
 # --- the non-finite guard ------------------------------------------------------------------------
@@ -225,16 +238,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return fit(config, workdir, ClassificationTask(config), mesh)
 
 
-def fit(config, workdir: str, task, mesh=None) -> dict:
-  """The training loop of every task: restore or initialise, train to ``total_steps``
-  (``max_steps_per_run`` at a time), log, checkpoint, evaluate, then ``task.finish``."""
-  mesh = mesh if mesh is not None else sharding.make_mesh()
+def _setup(config, task):
+  """(plan, steps, schedule, optimizer, model definitions) of a run: what fixes its program."""
   plan = input_pipeline.TrainPlan(task.num_train, config.batch_size, jax.process_index(),
                                   jax.process_count())
   n_steps = total_steps(config, plan.steps_per_epoch)
   schedule = optim.lr_schedule(config, plan.steps_per_epoch, n_steps)
-  tx = optim.make_optimizer(config, schedule)
-  defs = factory.model_defs(config)
+  return plan, n_steps, schedule, optim.make_optimizer(config, schedule), factory.model_defs(config)
+
+
+def compile_ahead(config, task, mesh=None) -> float:
+  """Compiles the train step that ``fit(config, workdir, task)`` runs, from the state's shapes
+  and one batch, without running it or touching a workdir; returns the seconds it took.
+
+  With JAX's persistent compilation cache on (``jax_compilation_cache_dir``), the run itself
+  then loads the compiled program instead of compiling it (and, in the same process,
+  jax-triton's kernels are compiled already): a study's processes compile their fine-tunes
+  while the dense model they start from is still training."""
+  t = time.perf_counter()
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  plan, _, schedule, tx, defs = _setup(config, task)
+  batches = task.train_batches(plan, 0, 1)
+  try:
+    batch = next(iter(batches))
+  finally:
+    close = getattr(batches, "close", None)
+    if close is not None:
+      close()
+  step = make_train_step(config, defs, tx, schedule, mesh, task.loss)
+  step.lower(factory.abstract_state(config, defs, tx, mesh),
+             sharding.to_global(batch, mesh)).compile()
+  return time.perf_counter() - t
+
+
+def fit(config, workdir: str, task, mesh=None) -> dict:
+  """The training loop of every task: restore or initialise, train to ``total_steps``
+  (``max_steps_per_run`` at a time), log, checkpoint, evaluate, then ``task.finish``."""
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  plan, n_steps, schedule, tx, defs = _setup(config, task)
   logging.info("%d train / %d eval examples, %d steps per epoch, %d steps, peak lr %.3g, "
                "%d devices", task.num_train, task.num_eval, plan.steps_per_epoch, n_steps,
                optim.peak_lr(config), mesh.devices.size)

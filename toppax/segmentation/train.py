@@ -149,9 +149,12 @@ def _eval_step(graphdef, fields: tuple, mesh):
   return jax.jit(step, in_shardings=(repl, repl, data), out_shardings=repl)
 
 
-def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None) -> dict:
+def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None,
+             compile_only=False) -> dict:
   """mmseg's metrics over ``source`` (all of it unless limited): the summary of
-  ``toppax.segmentation.metrics.summarize`` plus ``count`` (images)."""
+  ``toppax.segmentation.metrics.summarize`` plus ``count`` (images). ``compile_only``: compile
+  the step for the first batch and return {} (``params`` and ``rngs`` may be abstract); see
+  ``toppax.train.compile_ahead``."""
   sharding.check_batch(config.eval_batch_size, mesh, name="config.eval_batch_size")
   step = _eval_step(graphdef, _eval_fields(config), mesh)
   acc = metrics.Accumulator(config.data.num_classes)
@@ -159,6 +162,9 @@ def evaluate(config, graphdef, params, rngs, source, mesh, num_examples=None) ->
   n = num_examples or config.data.get("eval_examples", 0) or None
   with seg_data.seg_eval_batches(source, config, n) as batches:
     for batch in batches:
+      if compile_only:
+        step.lower(params, rngs, sharding.to_global(batch, mesh)).compile()
+        return {}
       count += int(np.sum(batch["mask"]))
       acc.add(jax.device_get(step(params, rngs, sharding.to_global(batch, mesh))))
   summary = acc.summary(getattr(source, "classes", None))
