@@ -20,6 +20,8 @@ def test_counts_both_kernels_and_their_loops(kernels, fwd, bwd):
     assert 0 < r["registers"] <= 255 and r["loop"] > 0 and r["steps_per_loop"] == every
     assert r["per_step"] == pytest.approx(r["loop"] / every, abs=0.1)
     assert r["kernels"] == kernels
+    # The Triton kernels are compiled from an empty cache, so their compile time is real.
+    assert (r["compile_s"] > 0) if kernels == "triton" else ("compile_s" not in r)
   backward = rows[4, bwd]
   assert backward["registers"] <= 168                  # the default backward register cap
   # Two reduce-scatters per step (dB, dC) of 4 values over 32 lanes, 6 shuffles each (2 + 1
@@ -34,6 +36,7 @@ def test_counts_both_kernels_and_their_loops(kernels, fwd, bwd):
     (["--tuning", '{"ckpt_evry": 2}'], "unknown key"),
     (["--tuning", '{"bwd_maxnreg": 300}'], "bwd_maxnreg"),
     (["--states", "0"], "positive"),
+    (["--length", "0"], "positive"),
     (["--kernels", "mosaic"], "--kernels")])
 def test_bad_arguments_are_refused(argv, message, capsys):
   with pytest.raises(SystemExit):

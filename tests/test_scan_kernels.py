@@ -243,6 +243,26 @@ def test_gpu_state_groups(n, fwd_states, bwd_states, reverse, gap_delta, dtype):
     assert _rel(b.astype(jnp.float32), a.astype(jnp.float32)) < tol, k
 
 
+def test_default_states_per_program_split_where_a_launch_leaves_sms_idle():
+  from toppax.pallas_kernels import gpu_scan
+  assert GpuTuning().fwd_states is None and GpuTuning().bwd_states is None
+  # UperNet ViM-T at batch 8 on an H100: 8 x 384 / 32 = 96 programs for 132 SMs -> 8 states.
+  assert gpu_scan.states_per_program(None, 8, 384, 32, 132) == 8
+  # ViM-S classification at batch 128: 3,072 programs -> 16.
+  assert gpu_scan.states_per_program(None, 128, 768, 64, 132) == 16
+  assert gpu_scan.states_per_program(None, 8, 384, 32, 96) == 16        # one wave already
+  assert gpu_scan.states_per_program(None, 8, 384, 32, None) == 16      # SM count unknown
+  assert gpu_scan.states_per_program(4, 8, 384, 32, 132) == 4           # the tuning's own
+  # Interpret mode (CPU) knows no SM count: the kernels keep 16 states per program.
+  x = {k: jnp.zeros((1, 4, 8)) for k in ("u", "delta", "z")}
+  cfg, args = gpu_scan.KERNELS.configure(
+      x["u"], x["delta"], jnp.zeros((8, 16)), jnp.zeros((1, 4, 16)), jnp.zeros((1, 4, 16)),
+      None, x["z"], None, delta_softplus=True, reverse=False, gaps=None, gap_delta="prev",
+      interpret=True)
+  assert gpu_scan.forward_static(cfg, args, save=True).n == 16
+  assert gpu_scan.backward_static(cfg, args).n == 16
+
+
 @pytest.mark.parametrize("key", ["fwd_states", "bwd_states"])
 def test_bad_state_groups_are_refused(key):
   fn = get_implementation("pallas_gpu")

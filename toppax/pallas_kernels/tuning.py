@@ -70,13 +70,14 @@ class GpuTuning(_Tuning):
   bc_ahead: int = 1               # steps ahead the B_t, C_t scalars are loaded
   fwd_chunk: int = 4              # inference steps unrolled per loop iteration
   maxnreg: int | None = None      # register cap (PTX .maxnreg, 24-255); None: ptxas' choice
-  fwd_states: int = 16            # states per program (a power of two <= 32); more are split
+  fwd_states: int | None = None   # states per program (a power of two <= 32), more are split;
+  #                                 None: 16, or 8 where a launch has fewer programs than SMs
   # Training: the forward's checkpoints and the backward.
   ckpt_every: int = 4             # the training forward stores the state every this many steps
   bwd_chunk: int | None = None    # sub-chunk; None: 2 where it divides ckpt_every, else ckpt_every
   bwd_maxnreg: int | None = 168   # backward register cap; 168 fits 12 one-warp programs per SM
   bwd_num_warps: int = 1          # backward warps per program (32 channels each)
-  bwd_states: int = 16            # backward states per program (a power of two <= 32)
+  bwd_states: int | None = None   # backward states per program; None: as fwd_states' None
   # Inference forward on Mosaic GPU.
   fwd_backend: str = "mosaic"     # "mosaic" (sm_90+ where D % 128 == 0) or "triton": `kernels`
   mosaic_chunk: int | None = None  # steps per shared-memory chunk; None: 32 bytes (8 fp32 steps)
@@ -94,7 +95,8 @@ class GpuTuning(_Tuning):
     for name in ("maxnreg", "bwd_maxnreg"):
       _register_cap(name, getattr(self, name))
     for name in ("fwd_states", "bwd_states"):
-      _states(name, getattr(self, name))
+      if getattr(self, name) is not None:
+        _states(name, getattr(self, name))
     sub = self.bwd_chunk
     if sub is not None and (isinstance(sub, bool) or not isinstance(sub, int) or sub < 1
                             or self.ckpt_every % sub):

@@ -13,7 +13,9 @@ from a CUDA export of the forward+backward (as the CPU tests do), with FP fusion
 compiles them. It prints, per kernel: registers, stack bytes (register spills), the SASS
 instructions of the kernel and of its main loop (the largest backward branch), those per scan
 step (the loop walks ``ckpt_every`` steps), spill instructions (LDL/STL) and the most frequent
-opcodes. ``--sweep`` does this for ``bench_scan.BWD_VARIANTS``.
+opcodes, and for the Triton kernels the seconds ``triton.compile`` takes on this host (an empty
+Triton cache each time): a model compiles one such pair per scan shape and direction, so pruning
+(one shape per segment) multiplies it. ``--sweep`` does this for ``bench_scan.BWD_VARIANTS``.
 
 Use it to compare variants with each other before a GPU is at hand, and to check that a change
 to the kernels' code leaves their SASS as it was. It does not predict time: occupancy, latency
@@ -36,6 +38,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 from jax import export
@@ -200,21 +203,42 @@ def triton_statics(tuning, dim=768, batch=128, length=197, n=16, dtype=jnp.float
   return [gpu_scan.forward_static(cfg, args, True), gpu_scan.backward_static(cfg, args)]
 
 
+@contextlib.contextmanager
+def _fresh_triton_cache():
+  """An empty Triton cache for the block, so that a compilation is timed, not a cache hit."""
+  old = os.environ.get("TRITON_CACHE_DIR")
+  with tempfile.TemporaryDirectory() as tmp:
+    os.environ["TRITON_CACHE_DIR"] = tmp
+    try:
+      yield
+    finally:
+      if old is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+      else:
+        os.environ["TRITON_CACHE_DIR"] = old
+
+
 def analyse(tuning=None, shape="ViM-S", batch=128, dtype="float32", arch=90, states=16,
-            kernels="triton"):
-  """``count`` of both kernels at one ViM scan shape; ``tuning``: a dict of GpuTuning fields;
-  ``kernels``: "triton" or "pallas_triton"."""
+            kernels="triton", length=197):
+  """``count`` of both kernels at one ViM scan shape (and, for the Triton kernels, the
+  seconds ``triton.compile`` takes for each on this host: ``compile_s``); ``tuning``: a dict
+  of GpuTuning fields; ``kernels``: "triton" or "pallas_triton"."""
   full = GpuTuning.of(dict(tuning or {}, kernels=kernels), "pallas_gpu")
   dim = SHAPES[shape]
   rows = []
   if kernels == "triton":
-    for st in triton_statics(full, dim=dim, batch=batch, n=states, dtype=jnp.dtype(dtype)):
+    for st in triton_statics(full, dim=dim, batch=batch, length=length, n=states,
+                             dtype=jnp.dtype(dtype)):
       warps = st.warps if st.kind == "bwd" else full.num_warps
-      kernel = compile_triton_kernel(st, dtype, warps, arch)
+      with _fresh_triton_cache():
+        t = time.perf_counter()
+        kernel = compile_triton_kernel(st, dtype, warps, arch)
+        seconds = time.perf_counter() - t
       rows.append(dict(count(triton_kernels.KERNEL_NAMES[st.kind], kernel, full.ckpt_every),
-                       tuning=tuning or {}, kernels=kernels))
+                       compile_s=round(seconds, 2), tuning=tuning or {}, kernels=kernels))
     return rows
-  modules = triton_ir(full, dim=dim, batch=batch, n=states, dtype=jnp.dtype(dtype))
+  modules = triton_ir(full, dim=dim, batch=batch, length=length, n=states,
+                      dtype=jnp.dtype(dtype))
   for name, ir in sorted(modules.items()):
     warps = full.bwd_num_warps if "bwd" in name else full.num_warps
     rows.append(dict(count(name, compile_pallas_ir(ir, warps, arch), full.ckpt_every),
@@ -224,13 +248,15 @@ def analyse(tuning=None, shape="ViM-S", batch=128, dtype="float32", arch=90, sta
 
 def markdown(rows):
   out = ["| kernels | tuning | kernel | registers | stack B | instructions | loop | per step "
-         "| spill ops | top opcodes in the loop |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+         "| spill ops | compile s | top opcodes in the loop |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
   for r in rows:
     ops_ = ", ".join(f"{k} {v}" for k, v in list(r["opcodes"].items())[:8])
+    took = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
     out.append(f"| {r.get('kernels', 'pallas_triton')} | `{json.dumps(r['tuning'], sort_keys=True)}` "
                f"| {r['kernel']} | {r['registers']} "
                f"| {r['stack_bytes']} | {r['instructions']} | {r['loop']} | {r['per_step']} "
-               f"| {r['spill_ops']} | {ops_} |")
+               f"| {r['spill_ops']} | {took} | {ops_} |")
   return "\n".join(out) + "\n"
 
 
@@ -250,6 +276,7 @@ def main(argv=None):
   p.add_argument("--sweep", action="store_true", help="also every bench_scan.BWD_VARIANTS entry")
   p.add_argument("--shape", default="ViM-S", choices=sorted(SHAPES))
   p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--length", type=int, default=197, help="L, the scan's sequence length")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--states", type=int, default=16, help="N, the SSM state size (ViM: 16)")
   p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -267,8 +294,8 @@ def main(argv=None):
     GpuTuning.of(tuning, "pallas_gpu")
   except ValueError as e:
     p.error(f"--tuning: {e}")
-  if a.states < 1 or a.batch < 1:
-    p.error("--states and --batch must be positive")
+  if a.states < 1 or a.batch < 1 or a.length < 1:
+    p.error("--states, --batch and --length must be positive")
   kernel_sets = a.kernels.split(",")
   bad = [k for k in kernel_sets if k not in ("triton", "pallas_triton")]
   if bad or not kernel_sets:
@@ -282,11 +309,13 @@ def main(argv=None):
   runs = [(k, v) for k in kernel_sets for v in variants]
   for i, (k, v) in enumerate(runs):
     print(f"[{i + 1}/{len(runs)}] {k} {json.dumps(v, sort_keys=True)}", flush=True)
-    for r in analyse(v, a.shape, a.batch, a.dtype, a.arch, a.states, kernels=k):
+    for r in analyse(v, a.shape, a.batch, a.dtype, a.arch, a.states, kernels=k,
+                     length=a.length):
       rows.append(r)
+      took = f", compiled in {r['compile_s']:.1f} s" if "compile_s" in r else ""
       print(f"    {r['kernel']}: {r['registers']} registers, {r['stack_bytes']} B stack, "
             f"{r['per_step']} instructions per step ({r['loop']} per loop of "
-            f"{r['steps_per_loop']} steps), {r['spill_ops']} spill ops", flush=True)
+            f"{r['steps_per_loop']} steps), {r['spill_ops']} spill ops{took}", flush=True)
   table = markdown(rows)
   print(table)
   if a.out:
@@ -296,7 +325,8 @@ def main(argv=None):
                    sys.argv[1:] if argv is None else argv))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernel_sass.json"), "w") as f:
-      json.dump(dict(shape=a.shape, batch=a.batch, states=a.states, dtype=a.dtype, arch=a.arch,
+      json.dump(dict(shape=a.shape, batch=a.batch, length=a.length, states=a.states,
+                     dtype=a.dtype, arch=a.arch,
                      **run, rows=rows), f, indent=1)
     with open(os.path.join(a.out, "kernel_sass.md"), "w") as f:
       f.write(f"# Static SASS counts ({a.shape}, batch {a.batch}, {a.dtype}, sm_{a.arch})\n\n"
