@@ -17,9 +17,9 @@ the training runs resume from their checkpoints. ``config.study.part="i/n"`` spl
 over n processes on one workdir: part 0 trains the dense models, parts 1..n-1 share the entries;
 while part 0 trains, the others compile their entries' programs into JAX's persistent
 compilation cache (``<workdir>/compilation_cache`` unless one is set), so that their
-fine-tunes start at once when the dense model is there. Then ``study.json`` (every seed), ``study.md``
-(per-seed rows and means over seeds) and ``study.png`` (top-1 or mIoU vs GFLOPs, zero-shot and
-fine-tuned) are written next to them. All methods at one keep ratio keep the same
+fine-tunes start at once when the dense model is there. Then ``study.json`` (every seed),
+``study.md`` (per-seed rows and means over seeds) and ``study.png`` (top-1 or mIoU vs GFLOPs,
+zero-shot and fine-tuned) are written next to them. All methods at one keep ratio keep the same
 number of tokens per stage; their GFLOPs (toppax.tools.flops) differ only by ToP's alignment
 decay and EViT's one fused token, and are reported per row.
 """
@@ -120,10 +120,8 @@ class _Task:
     """Compiles the fine-tune ``config``'s train step and its evaluation (toppax.train.
     compile_ahead); returns the seconds it took."""
     t = time.perf_counter()
-    if self.segmentation:
-      fit_task, evaluate_ = self._seg.SegmentationTask(config), self._seg.evaluate
-    else:
-      fit_task, evaluate_ = train.ClassificationTask(config), evaluate.evaluate
+    fit_task = (self._seg.SegmentationTask(config) if self.segmentation
+                else train.ClassificationTask(config))
     train.compile_ahead(config, fit_task, mesh)
     self.compile_eval_ahead(config, mesh, fit_task.eval_source)
     return time.perf_counter() - t
