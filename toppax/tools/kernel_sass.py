@@ -329,7 +329,8 @@ def main(argv=None):
                      dtype=a.dtype, arch=a.arch,
                      **run, rows=rows), f, indent=1)
     with open(os.path.join(a.out, "kernel_sass.md"), "w") as f:
-      f.write(f"# Static SASS counts ({a.shape}, batch {a.batch}, L {a.length}, {a.dtype}, sm_{a.arch})\n\n"
+      f.write(f"# Static SASS counts ({a.shape}, batch {a.batch}, L {a.length}, {a.dtype}, "
+              f"sm_{a.arch})\n\n"
               f"{run['date']}, commit `{run['commit']}`, jax {run['jax']}, triton "
               f"{run['triton']}: `{run['command']}`\n\n" + table)
     print(f"wrote {a.out}/kernel_sass.json and kernel_sass.md")
