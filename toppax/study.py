@@ -89,6 +89,12 @@ def _pruned(config, method, ratio, importance):
                           "pruning.fused_token": method == "evit"})
 
 
+def _entry(config, method, ratio, importance, dense_dir):
+  """(the entry's model config, its fine-tune's config); "dense+ft" is the unpruned model."""
+  c = _pruned(config, "dense" if method == "dense+ft" else method, ratio, importance)
+  return c, _finetune(c, dense_dir)
+
+
 def _finetune(config, dense_dir):
   s = config.study
   return _with(config, init_from=dense_dir, num_epochs=s.finetune_epochs,
@@ -234,9 +240,9 @@ def run(config, workdir: str) -> dict:
         # once, they serve every seed from the persistent cache.
         for method, ratio, importance in entries:
           if _key(seed, method, ratio, importance) not in results.done():
-            c = _pruned(cs, "dense" if method == "dense+ft" else method, ratio, importance)
             t = time.perf_counter()
-            if _ahead(task.compile_ahead, _finetune(c, dense_dir), mesh):
+            if _ahead(task.compile_ahead, _entry(cs, method, ratio, importance, dense_dir)[1],
+                      mesh):
               logging.info("study: compiled %s ahead in %.0f s",
                            _key(seed, method, ratio, importance), time.perf_counter() - t)
         compiled = True
@@ -263,10 +269,9 @@ def run(config, workdir: str) -> dict:
       key = _key(seed, method, ratio, importance)
       if key in results.done():
         continue
-      c = _pruned(cs, "dense" if method == "dense+ft" else method, ratio, importance)
       # The zero-shot evaluation builds the fine-tune's model (they differ only in training
       # fields such as drop-path), so the fine-tune's final evaluation reuses its compilation.
-      ft = _finetune(c, dense_dir)
+      c, ft = _entry(cs, method, ratio, importance, dense_dir)
       zero = None
       if method != "dense+ft":
         pdefs = factory.model_defs(ft)

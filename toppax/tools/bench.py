@@ -9,8 +9,9 @@ with the auxiliary head) on the mesh of the first k devices for each k in
 process k times the batch). Each measurement runs in a process of its own, so that its peak
 device memory (``memory_stats()["peak_bytes_in_use"]``, where the backend reports it) is its
 own. Warm-up (compilation) is excluded, every timing ends in ``block_until_ready``, the figure is
-the median over ``repeats``; the first call's time is kept, split into lowering and XLA
-compilation (``toppax.timing.compile_stages``). Results go to ``<workdir>/bench.json`` and
+the median over ``repeats``; the first call's time is kept, split into tracing, lowering and
+XLA compilation (``toppax.timing.compile_stages``; nested compilations, such as the scan
+kernels' build check inside the model's trace, count in each stage they run in). Results go to ``<workdir>/bench.json`` and
 ``bench.md`` with the device, versions and commit.
 """
 from __future__ import annotations
@@ -258,8 +259,8 @@ def format_markdown(result) -> str:
                "calls, block_until_ready; one process per measurement (peak GiB: that "
                "process's peak device memory); train = full data-parallel step; first call s = "
                "the first jitted call (tracing + compilation + one run), in brackets its seconds of "
-               "lowering (kernel compiles included) + XLA compilation; GFLOPs: "
-               "toppax.tools.flops.")
+               "lowering (kernel compiles included) + XLA compilation (tracing, where the scan "
+               "kernels' build check runs, is in bench.json); GFLOPs: toppax.tools.flops.")
   return "\n".join(lines)
 
 
