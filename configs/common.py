@@ -167,25 +167,19 @@ def base_config():
 def study(seeds=(0, 1), keep_ratios=(0.5, 0.7, 0.9), methods=("top", "removal", "evit"),
           importance="clip", importances=("clip", "l1", "l2", "raw"), ablation_ratio=0.7,
           finetune_epochs=5, finetune_lr=1e-4, finetune_min_lr=1e-6, finetune_drop_path=0.0,
-          finetune_ema_decay=0.0, finetune_steps=0, part="", scan_implementation=None):
+          finetune_ema_decay=0.0, finetune_steps=0, part=""):
   """``--mode=study`` (toppax.study): dense training per seed, then every method at every keep
   ratio zero-shot and after ``finetune_epochs`` of pruned fine-tuning (lr, no warm-up, cosine
   to ``finetune_min_lr``); the importance ablation with ToP at ``ablation_ratio``.
   ``finetune_steps > 0`` overrides the epochs (smoke runs). ``part="i/n"``: n processes share a
   workdir (e.g. several on one GPU); part 0 trains the dense models, the others share the
-  entries and compile theirs meanwhile. ``scan_implementation`` (None: the model's own) is the
-  selective scan of the entries (zero-shot evaluations and fine-tunes, "dense+ft" included):
-  on a GPU the Pallas kernels build once per sequence length and direction (a model pruned at
-  three places has four lengths), which "xla" skips at the price of slower steps; the results
-  agree up to rounding."""
+  entries and compile theirs meanwhile."""
   return ml_collections.ConfigDict(dict(
       seeds=tuple(seeds), keep_ratios=tuple(keep_ratios), methods=tuple(methods),
       importance=importance, importances=tuple(importances), ablation_ratio=ablation_ratio,
       finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, finetune_min_lr=finetune_min_lr,
       finetune_drop_path=finetune_drop_path, finetune_ema_decay=finetune_ema_decay,
-      finetune_steps=finetune_steps, part=part,
-      scan_implementation=config_dict.placeholder(str) if scan_implementation is None
-      else scan_implementation))
+      finetune_steps=finetune_steps, part=part))
 
 
 def apply_top_finetune(c, model_name, variant="top"):

@@ -178,20 +178,6 @@ def test_study_parts_split_the_entries():
       study._part(bad)
 
 
-def test_study_scan_implementation_applies_to_every_entry_not_the_dense_model():
-  from configs import seg_cifar
-  c = seg_cifar.get_config()
-  with pytest.raises(TypeError):
-    c.study.scan_implementation = 1
-  c.study.scan_implementation = "xla"
-  assert study._pruned(c, "dense", 1.0, "-").model.scan_implementation is None
-  for method, ratio in (("top", 0.5), ("evit", 0.7), ("dense+ft", 1.0)):
-    entry, ft = study._entry(c, method, ratio, "clip", "dense_dir")
-    assert entry.model.scan_implementation == ft.model.scan_implementation == "xla"
-  c.study.scan_implementation = None
-  assert study._entry(c, "top", 0.5, "clip", "d")[1].model.scan_implementation is None
-
-
 def test_compile_ahead_lets_the_fine_tune_load_its_programs(data_dir, tmp_path, caplog):
   """A study part compiles its fine-tune's train and eval steps from shapes while the dense
   model trains; the fine-tune then loads its train step from the persistent compilation cache

@@ -92,8 +92,6 @@ def _pruned(config, method, ratio, importance):
 def _entry(config, method, ratio, importance, dense_dir):
   """(the entry's model config, its fine-tune's config); "dense+ft" is the unpruned model."""
   c = _pruned(config, "dense" if method == "dense+ft" else method, ratio, importance)
-  if config.study.get("scan_implementation"):
-    c = _with(c, **{"model.scan_implementation": config.study.scan_implementation})
   return c, _finetune(c, dense_dir)
 
 
