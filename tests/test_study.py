@@ -213,3 +213,25 @@ def test_compile_ahead_lets_the_fine_tune_load_its_programs(data_dir, tmp_path, 
   log = caplog.text
   assert "cache hit for 'jit_train_step'" in log
   assert "MISS for 'jit_train_step'" not in log and "MISS for 'jit_step'" not in log
+
+
+def test_entry_parts_yield_the_cpu_in_every_thread():
+  # A subprocess: a process cannot raise its priority back once lowered.
+  code = """
+import os, threading
+from toppax import study
+stop = threading.Event()
+before = threading.Thread(target=stop.wait); before.start()
+print(study._yield_cpu())
+after = threading.Thread(target=stop.wait); after.start()
+tids = [int(t) for t in os.listdir('/proc/self/task')]
+print(sorted({os.getpriority(os.PRIO_PROCESS, t) for t in tids}))
+stop.set()
+"""
+  if not os.path.isdir("/proc/self/task"):
+    pytest.skip("needs Linux's /proc")
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.split("\n")[:2] == ["19", "[19]"], out.stdout + out.stderr

@@ -17,7 +17,8 @@ the training runs resume from their checkpoints. ``config.study.part="i/n"`` spl
 over n processes on one workdir: part 0 trains the dense models, parts 1..n-1 share the entries;
 while part 0 trains, the others compile their entries' programs into JAX's persistent
 compilation cache (``<workdir>/compilation_cache`` unless one is set), so that their
-fine-tunes start at once when the dense model is there. Then ``study.json`` (every seed),
+fine-tunes start at once when the dense model is there; they run at the lowest CPU priority, so
+that part 0's compilation and input pipeline come first. Then ``study.json`` (every seed),
 ``study.md`` (per-seed rows and means over seeds) and ``study.png`` (top-1 or mIoU vs GFLOPs,
 zero-shot and fine-tuned) are written next to them. All methods at one keep ratio keep the same
 number of tokens per stage; their GFLOPs (toppax.tools.flops) differ only by ToP's alignment
@@ -219,6 +220,9 @@ def run(config, workdir: str) -> dict:
     # parts 1..n-1 share the entries (every (n-1)-th) and compile theirs while part 0 trains.
     entries = _share(entries, part, parts)
     _persistent_compilation_cache(workdir)
+    if part > 0:
+      logging.info("study: part %d runs at CPU niceness %d (part 0 comes first)", part,
+                   _yield_cpu())
   total = len(entries) + 1
   t0, done_now = time.perf_counter(), 0
   compiled = False
@@ -347,6 +351,26 @@ def _persistent_compilation_cache(workdir):
     compilation_cache.set_cache_dir(os.path.join(workdir, "compilation_cache"))
     compilation_cache.reset_cache()    # takes effect also after earlier compilations
   logging.info("study: persistent compilation cache %s", jax.config.jax_compilation_cache_dir)
+
+
+def _yield_cpu(niceness=19) -> int | None:
+  """Lowers this process's CPU priority to ``niceness``, every thread of it (Linux keeps a
+  niceness per thread; threads started later inherit it), and returns the process's niceness
+  (None where the OS has no such thing). The entries' parts run beside part 0 on one host:
+  compiling ahead at equal priority, seven of them held the dense model's first training step
+  back by minutes and starved its input pipeline; at niceness 19 they take the cores it leaves."""
+  if not hasattr(os, "setpriority"):
+    return None
+  try:
+    threads = [int(t) for t in os.listdir("/proc/self/task")]
+  except OSError:
+    threads = [0]                          # no /proc: the call sets the whole process's
+  for tid in threads:
+    try:
+      os.setpriority(os.PRIO_PROCESS, tid, max(niceness, os.getpriority(os.PRIO_PROCESS, tid)))
+    except OSError:                        # the thread has ended meanwhile
+      pass
+  return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def _wait_for_dense(dense_dir, seed, poll_s=10.0):
