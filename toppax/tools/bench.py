@@ -11,8 +11,8 @@ device memory (``memory_stats()["peak_bytes_in_use"]``, where the backend report
 own. Warm-up (compilation) is excluded, every timing ends in ``block_until_ready``, the figure is
 the median over ``repeats``; the first call's time is kept, split into tracing, lowering and
 XLA compilation (``toppax.timing.compile_stages``; nested compilations, such as the scan
-kernels' build check inside the model's trace, count in each stage they run in). Results go to ``<workdir>/bench.json`` and
-``bench.md`` with the device, versions and commit.
+kernels' build check inside the model's trace, count in each stage they run in). Results go to
+``<workdir>/bench.json`` and ``bench.md`` with the device, versions and commit.
 """
 from __future__ import annotations
 
