@@ -451,6 +451,80 @@ def test_triton_kernels_that_do_not_build_give_way_to_pallas_triton(caplog, monk
   np.testing.assert_allclose(np.asarray(y), scan_utils.numpy_scan(**x), rtol=1e-5, atol=1e-6)
 
 
+def test_build_check_runs_once_per_build_class(caplog, monkeypatch):
+  # A model's evaluation batch differs from its training batch: the kernels' build check of the
+  # training call also decides the evaluation's, so evaluation builds no training kernels. A
+  # failing verdict carries over the same way (the other batch falls back too, with a warning).
+  from toppax.pallas_kernels import gpu_scan
+  checked = []
+  verdict = {"why": None}
+
+  def check(kernels, cfg, specs):
+    checked.append(specs[0].shape)
+    return verdict["why"]
+
+  monkeypatch.setattr(scan_call, "_check", check)
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(scan_call.Kernels, "__call__",
+                      lambda self, cfg, args: jnp.zeros(args.u.shape, args.u.dtype))
+  scan_call._failure.cache_clear()
+
+  def scan(batch, length=5):
+    x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(3, batch, length, 4, 2).items()}
+    return get_implementation("pallas_gpu")(**x, delta_softplus=True, reverse=False, gaps=None,
+                                            gap_delta="prev", interpret=False)
+  try:
+    scan(2), scan(3), scan(7)
+    assert checked == [(2, 5, 4)]                 # one check for three batch sizes
+    scan(2, length=6)
+    assert checked == [(2, 5, 4), (2, 6, 4)]      # another length is another kernel
+    verdict["why"] = "planted failure"
+    with caplog.at_level(logging.WARNING):
+      scan(2, length=7)
+      y = scan(5, length=7)
+    # Batch 2 checks the Triton kernels and their Pallas-Triton alternative; batch 5 nothing.
+    assert checked[2:] == [(2, 7, 4), (2, 7, 4)]
+    assert caplog.text.count("planted failure") == 2 and "falling back to 'xla'" in caplog.text
+    assert np.asarray(y).any()                    # the XLA answer, not the planted kernels' zeros
+  finally:
+    scan_call._failure.cache_clear()
+
+  # The class is the batchless signature plus the kernels' own configurations: where the batch
+  # changes a kernel's code (two channels per thread from batch x D = 65,536 on), it is its own.
+  def specs(batch, dim=384):
+    x = scan_utils.random_inputs(0, 1, 3, 1, 16)
+    shapes = dict(u=(batch, 64, dim), delta=(batch, 64, dim), A=(dim, 16), B=(batch, 64, 16),
+                  C=(batch, 64, 16), D=(dim,), z=(batch, 64, dim), delta_bias=(dim,))
+    args = scan_call.ScanArgs(*(jax.ShapeDtypeStruct(shapes[k], x[k].dtype) for k in KEYS),
+                              gaps=None)
+    return scan_call.signature(args)
+  cfg, _ = gpu_scan.KERNELS.configure(*(jnp.zeros(s.shape, s.dtype) for s in specs(1)[:8]),
+                                      delta_softplus=True, reverse=False, gaps=None,
+                                      gap_delta="prev", interpret=False)
+  cls = lambda b: gpu_scan.build_class(cfg, specs(b))
+  assert cls(32) == cls(100) != cls(200)
+  assert cls(scan_call.GRID_LIMIT + 1) == specs(scan_call.GRID_LIMIT + 1)
+
+
+def test_mosaic_forward_compiles_once_across_batch_sizes(monkeypatch):
+  # Its standalone compile check (mgpu_scan.usable) is shared by a model's batch sizes.
+  from toppax.pallas_kernels import gpu_scan, mgpu_scan
+  traced = []
+
+  def forward(cfg, args):
+    traced.append(args.u.shape)
+    return args.u * 2
+
+  monkeypatch.setattr(mgpu_scan, "forward", forward)
+  monkeypatch.setattr(mgpu_scan, "_compiled", {})
+  for batch in (2, 3, 2):
+    x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(0, batch, 5, 4, 2).items()}
+    cfg, args = gpu_scan.KERNELS.configure(**x, delta_softplus=True, reverse=False, gaps=None,
+                                           gap_delta="prev", interpret=False)
+    assert mgpu_scan._compiles(cfg, scan_call.signature(args))
+  assert traced == [(2, 5, 4)]
+
+
 # (dtype, N, with z, gap rule, reverse, batch): ViM's bf16 call, fp32 with a padded state and no
 # gate, and a batch x D of 76,800 (past gpu_scan.WIDE_CHANNELS: two channels per thread).
 EXPORT_CASES = [(jnp.bfloat16, 16, True, "bias", True, 2),

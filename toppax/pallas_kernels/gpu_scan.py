@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from toppax.pallas_kernels.common import sigmoid
-from toppax.pallas_kernels.scan_call import Kernels, ScanArgs
+from toppax.pallas_kernels.scan_call import Kernels, ScanArgs, without_batch
 from toppax.pallas_kernels.triton_kernels import Static
 from toppax.pallas_kernels.tuning import GpuTuning
 
@@ -259,4 +259,21 @@ def _pallas_triton_instead(cfg):
   return dataclasses.replace(cfg, tuning=tuning), "the Pallas-Triton kernels"
 
 
-KERNELS = Kernels("pallas_gpu", forward, backward, GpuTuning, _pallas_triton_instead)
+def build_class(cfg, specs):
+  """What the kernels of a call are built from, besides its batch size: the signature without
+  the batch, and the three Triton kernels' configurations (``Static``) with batch 0. The batch
+  is a launch grid axis; where it changes a kernel's code (the channels per thread, the states
+  per program) the configurations differ, so such calls are checked apart. A model evaluated at
+  another batch than it trains at thus reuses its training step's build check instead of
+  building training kernels at the evaluation's batch."""
+  key = without_batch(specs)
+  if key is specs:                      # over the grid limit: the exact signature
+    return specs
+  args = ScanArgs(*specs)
+  statics = (forward_static(cfg, args, False), forward_static(cfg, args, True),
+             backward_static(cfg, args))
+  return key, tuple(dataclasses.replace(st, batch=0) for st in statics)
+
+
+KERNELS = Kernels("pallas_gpu", forward, backward, GpuTuning, _pallas_triton_instead,
+                  build_class)

@@ -26,7 +26,6 @@ Not testable on CPU: Pallas' discharge interpreter (``interpret=True``) does not
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 
@@ -36,7 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from toppax.pallas_kernels.common import LOG2E, softplus_series
-from toppax.pallas_kernels.scan_call import ScanArgs, out_types, signature
+from toppax.pallas_kernels.scan_call import ScanArgs, out_types, signature, without_batch
 
 try:  # jax 0.11 registers Mosaic GPU's lowering only when this module is imported
   from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
@@ -173,15 +172,23 @@ def forward(cfg, args):
       compiler_params=plgpu.CompilerParams(approx_math=True))(*xs, params)
 
 
-@functools.lru_cache(maxsize=256)
+_compiled: dict = {}
+
+
 def _compiles(cfg, specs):
-  try:
-    jax.jit(lambda a: forward(cfg, a)).lower(ScanArgs(*specs)).compile()
-    return True
-  except Exception as e:  # a kernel that cannot compile must fall back, never fail the op
-    log.warning("selective_scan: Mosaic GPU forward failed to compile for %s (%s: %s); using the "
-                "Triton forward", specs[0], type(e).__name__, e)
-    return False
+  """Whether the kernel compiles for this signature, compiled once per signature without the
+  batch (a launch grid axis only: ``scan_call.without_batch``), so a model's training and
+  evaluation batches share one standalone compile."""
+  key = (cfg, without_batch(specs))
+  if key not in _compiled:
+    try:
+      jax.jit(lambda a: forward(cfg, a)).lower(ScanArgs(*specs)).compile()
+      _compiled[key] = True
+    except Exception as e:  # a kernel that cannot compile must fall back, never fail the op
+      log.warning("selective_scan: Mosaic GPU forward failed to compile for %s (%s: %s); using "
+                  "the Triton forward", specs[0], type(e).__name__, e)
+      _compiled[key] = False
+  return _compiled[key]
 
 
 def usable(cfg, args) -> bool:

@@ -97,20 +97,36 @@ def signature(args):
   return tuple(None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args)
 
 
-@functools.lru_cache(maxsize=256)
-def _failure(kernels, cfg, specs):
-  """None if the kernels build for this static signature, else the error (checked once each).
+# CUDA's limit on a launch grid's y and z axes, where the kernels put the batch.
+GRID_LIMIT = 65535
+# Fields of ScanArgs whose leading axis is the batch.
+_BATCHED = ("u", "delta", "B", "C", "z", "gaps")
 
-  The inference forward is lowered and compiled; the training forward and the backward are
-  lowered only: their Pallas -> Triton/Mosaic lowering is where kernels fail in practice, and
-  compiling them standalone as well would compile each kernel twice at a model's start-up (it
-  is compiled again inside the model). A failure that only shows at the model's own compile is
-  an error there, never a wrong answer.
+
+def without_batch(specs):
+  """A signature (``signature``) with the batch axis taken out of the batched arrays' shapes;
+  unchanged above ``GRID_LIMIT``, where the batch could decide whether a launch builds."""
+  args = ScanArgs(*specs)
+  if args.u.shape[0] > GRID_LIMIT:
+    return specs
+  return ScanArgs(*(None if x is None else
+                    (x.shape[1:], x.dtype) if name in _BATCHED else (x.shape, x.dtype)
+                    for name, x in zip(ScanArgs._fields, specs)))
+
+
+def _check(kernels, cfg, specs):
+  """None if the kernels build for this static signature, else the error.
+
+  Each kernel is lowered: the Pallas/Triton/Mosaic lowering is where kernels fail in practice
+  (the Mosaic GPU forward also compiles itself once, ``mgpu_scan.usable``). Nothing is compiled
+  twice: the Triton kernels a lowering builds are kept by jax-triton and taken again when the
+  model's own program lowers the same call, and a failure that only shows at the model's own
+  compile is an error there, never a wrong answer.
   """
   forward, backward = kernels.forward, kernels.backward
   try:
     args = ScanArgs(*specs)
-    jax.jit(lambda a: forward(cfg, a, save=False)).lower(args).compile()
+    jax.jit(lambda a: forward(cfg, a, save=False)).lower(args)
     jax.jit(lambda a: forward(cfg, a, save=True)).lower(args)
     y, ckpt = jax.eval_shape(lambda a: forward(cfg, a, save=True), args)
     jax.jit(lambda a, c, g: backward(cfg, a, c, g)).lower(args, ckpt, y)
@@ -119,17 +135,36 @@ def _failure(kernels, cfg, specs):
     return f"failed to lower or compile for {specs[0]} ({type(e).__name__}: {e})"
 
 
+_verdicts: dict = {}
+
+
+def _failure(kernels, cfg, specs):
+  """``_check``'s verdict, checked once per build class (``Kernels.build_class``): the calls of
+  a model at its training batch and at its evaluation batch share one check, so evaluation
+  builds no training kernels it never runs."""
+  key = (kernels, cfg, kernels.build_class(cfg, specs))
+  if key not in _verdicts:
+    _verdicts[key] = _check(kernels, cfg, specs)
+  return _verdicts[key]
+
+
+_failure.cache_clear = _verdicts.clear
+
+
 class Kernels:
   """One Pallas implementation of the op: a kernel module's launchers and tuning type."""
 
   def __init__(self, name: str, forward: Callable, backward: Callable, tuning_type: type,
-               alternative: Callable | None = None):
+               alternative: Callable | None = None, build_class: Callable | None = None):
     self.name = name
     self.forward = forward
     self.backward = backward
     self.tuning_type = tuning_type
     # cfg -> (another ScanConfig to try where this one does not build, what it is) or None.
     self.alternative = alternative or (lambda cfg: None)
+    # (cfg, signature) -> what the kernels built for a call depend on; calls with one build
+    # class share a build check. Default: the exact signature.
+    self.build_class = build_class or (lambda cfg, specs: specs)
 
   def configure(self, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, reverse, gaps,
                 gap_delta, interpret, tuning=None):
@@ -146,5 +181,6 @@ class Kernels:
     return _scan(self, cfg, varying_like(args))
 
   def failure(self, cfg, args) -> str | None:
-    """None if the kernels lower and compile for this call's signature, else why not."""
+    """None if the kernels build for this call's signature (checked once per build class),
+    else why not."""
     return _failure(self, cfg, signature(args))
