@@ -504,6 +504,12 @@ def test_build_check_runs_once_per_build_class(caplog, monkeypatch):
   cls = lambda b: gpu_scan.build_class(cfg, specs(b))
   assert cls(32) == cls(100) != cls(200)
   assert cls(scan_call.GRID_LIMIT + 1) == specs(scan_call.GRID_LIMIT + 1)
+  # The check compiles the inference forward only for kernels that XLA's compile builds (the
+  # Pallas-Triton ones); jax-triton builds the Triton kernels while lowering.
+  from toppax.pallas_kernels import triton_scan
+  monkeypatch.setattr(triton_scan, "unavailable", lambda: None)
+  assert not gpu_scan.KERNELS.compile_forward(cfg)
+  assert gpu_scan.KERNELS.compile_forward(gpu_scan._pallas_triton_instead(cfg)[0])
 
 
 def test_mosaic_forward_compiles_once_across_batch_sizes(monkeypatch):

@@ -275,5 +275,7 @@ def build_class(cfg, specs):
   return key, tuple(dataclasses.replace(st, batch=0) for st in statics)
 
 
+# jax-triton builds the Triton kernels while lowering, and the Mosaic forward checks itself by
+# compiling: only the Pallas-Triton kernels are built by XLA's compile.
 KERNELS = Kernels("pallas_gpu", forward, backward, GpuTuning, _pallas_triton_instead,
-                  build_class)
+                  build_class, compile_forward=lambda cfg: kernels_for(cfg) != "triton")

@@ -117,16 +117,20 @@ def without_batch(specs):
 def _check(kernels, cfg, specs):
   """None if the kernels build for this static signature, else the error.
 
-  Each kernel is lowered: the Pallas/Triton/Mosaic lowering is where kernels fail in practice
-  (the Mosaic GPU forward also compiles itself once, ``mgpu_scan.usable``). Nothing is compiled
-  twice: the Triton kernels a lowering builds are kept by jax-triton and taken again when the
-  model's own program lowers the same call, and a failure that only shows at the model's own
-  compile is an error there, never a wrong answer.
+  Each kernel is lowered: lowering is where kernels fail in practice. The inference forward is
+  also compiled on its own where ``kernels.compile_forward(cfg)`` says so, for kernels that
+  XLA's compile builds (Mosaic TPU, Pallas' Triton backend); kernels built while lowering are
+  not (jax-triton keeps the Triton kernels it builds and takes them again when the model's
+  program lowers the same call; the Mosaic GPU forward compiles itself once,
+  ``mgpu_scan.usable``). A failure that only shows at
+  the model's own compile is an error there, never a wrong answer.
   """
   forward, backward = kernels.forward, kernels.backward
   try:
     args = ScanArgs(*specs)
-    jax.jit(lambda a: forward(cfg, a, save=False)).lower(args)
+    lowered = jax.jit(lambda a: forward(cfg, a, save=False)).lower(args)
+    if kernels.compile_forward(cfg):
+      lowered.compile()
     jax.jit(lambda a: forward(cfg, a, save=True)).lower(args)
     y, ckpt = jax.eval_shape(lambda a: forward(cfg, a, save=True), args)
     jax.jit(lambda a, c, g: backward(cfg, a, c, g)).lower(args, ckpt, y)
@@ -155,7 +159,8 @@ class Kernels:
   """One Pallas implementation of the op: a kernel module's launchers and tuning type."""
 
   def __init__(self, name: str, forward: Callable, backward: Callable, tuning_type: type,
-               alternative: Callable | None = None, build_class: Callable | None = None):
+               alternative: Callable | None = None, build_class: Callable | None = None,
+               compile_forward: Callable | None = None):
     self.name = name
     self.forward = forward
     self.backward = backward
@@ -165,6 +170,9 @@ class Kernels:
     # (cfg, signature) -> what the kernels built for a call depend on; calls with one build
     # class share a build check. Default: the exact signature.
     self.build_class = build_class or (lambda cfg, specs: specs)
+    # cfg -> whether the build check compiles the inference forward too (kernels that XLA's
+    # compile builds), not only lowers it. Default: always.
+    self.compile_forward = compile_forward or (lambda cfg: True)
 
   def configure(self, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, reverse, gaps,
                 gap_delta, interpret, tuning=None):
