@@ -13,6 +13,7 @@ Values on a GPU: tests/test_scan_kernels.py with --run-gpu.
 """
 import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
@@ -186,6 +187,39 @@ def test_jax_triton_lowers_both_kernels_capped_without_deprecation(jax_triton_on
   assert ".maxnreg 200" in ptx["selective_scan_triton_fwd"]
   assert ".maxnreg" not in ptx["selective_scan_triton_bwd"]
   assert {c.grid for c in jax_triton_on_cpu.calls} == {(4, 7, 2)}   # N = 40: 4 groups of 16
+
+
+def test_kernels_are_kept_on_disk_and_read_back(jax_triton_on_cpu, tmp_path, monkeypatch):
+  # Where the persistent compilation cache is on, a process that lowers the same kernels again
+  # (its in-process cache empty) reads their PTX from the folder instead of building them; an
+  # unreadable entry is built again and rewritten.
+  from jax_triton import triton_lib
+  built = []
+  build = triton_lib.compile_ttir_to_ptx_inplace
+
+  def counting(ttir, *a):
+    built.append(1)
+    return build(ttir, *a)
+
+  monkeypatch.setattr(triton_lib, "compile_ttir_to_ptx_inplace", counting)
+  folder = tmp_path / "toppax_triton"
+  assert triton_scan.install_kernel_cache(str(folder))
+  small = dict(n=4, d=32, b=1, length=8)
+
+  def lower():
+    triton_lib._COMPILED_KERNEL_CACHE.clear()      # a fresh process
+    jax_triton_on_cpu.calls.clear()
+    _export_grad(**small)
+    return {c.kernel.name: c.kernel.ptx for c in jax_triton_on_cpu.calls}
+
+  first = lower()
+  assert len(built) == 2 and len(list(folder.glob("*.json"))) == 2
+  assert lower() == first and len(built) == 2      # read back, nothing built
+  entry = sorted(folder.glob("*.json"))[0]
+  entry.write_text("{not json")
+  assert lower() == first and len(built) == 3      # the damaged one built again
+  assert json.loads(entry.read_text())["binary"] in first.values()
+  assert not list(folder.glob("*.tmp"))
 
 
 def test_jax_triton_lowers_under_checked_shard_map(jax_triton_on_cpu):

@@ -12,6 +12,14 @@ parses. Every other kernel lowers exactly as before. Where jax-triton or Triton 
 elsewhere, a warning is logged and the kernels compile without a cap (same results, ptxas'
 register count).
 
+jax-triton keeps the kernels it builds in its process only. Where JAX's persistent compilation
+cache is on (``jax_compilation_cache_dir``, a local folder), ``install_kernel_cache`` keeps them
+on disk too, in its ``toppax_triton/`` subfolder, keyed by a SHA-256 of the kernel's Triton IR,
+its compile options, the compute capability and the triton and jax-triton versions: a process
+that loads its programs from the persistent cache (lowering still builds their kernels) or
+shares the folder with others running the same kernels then reads the PTX instead of building
+it again. An unreadable entry is built again and rewritten.
+
 The interpreter path (CPU tests) hands the arrays to Triton's interpreter through
 ``jax.pure_callback``; the interpreter works on torch tensors, so it needs torch.
 """
@@ -19,8 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
+import json
 import logging
+import os
+import tempfile
 import threading
 
 import jax
@@ -33,6 +45,7 @@ from toppax.pallas_kernels.triton_kernels import KERNEL_NAMES, jit_kernel, pytho
 log = logging.getLogger(__name__)
 
 _cap_installed = None                   # None: not tried yet; then True / False
+_cache_warned: set = set()              # kernel-cache folders already warned about
 # Triton's interpreter keeps the program id in module state and rewrites kernels' ASTs: one run
 # at a time (devices of a shard_map call their callbacks from several threads).
 _interpreter_lock = threading.Lock()
@@ -106,6 +119,64 @@ def install_register_cap():
   return True
 
 
+def install_kernel_cache(directory: str) -> bool:
+  """Keeps the kernels jax-triton builds in ``directory`` (see the module docstring), by
+  wrapping its ``compile_ttir_inplace``; True where it is in place. Where jax-triton keeps its
+  compile step elsewhere, a warning is logged and kernels are built as before."""
+  try:
+    from jax_triton import triton_lib
+    import triton
+    import jax_triton
+    build = triton_lib.compile_ttir_inplace
+    result_type = triton_lib.CompilationResult
+    fields = [f.name for f in dataclasses.fields(result_type)]
+    if getattr(build, "toppax_cache", None) == directory:
+      return True
+    os.makedirs(directory, exist_ok=True)
+  except (ImportError, AttributeError, TypeError, OSError) as e:
+    if directory not in _cache_warned:
+      _cache_warned.add(directory)
+      log.warning("selective_scan: cannot keep jax-triton's kernels in %s (%s); they are built "
+                  "in each process", directory, e)
+    return False
+  build = getattr(build, "toppax_builds", build)
+  versions = (triton.__version__, getattr(jax_triton, "__version__", "?"))
+
+  def cached(ttir, backend, options, compute_capability, platform):
+    key = hashlib.sha256(json.dumps([str(ttir), repr(options), str(compute_capability),
+                                     str(platform), versions]).encode()).hexdigest()
+    path = os.path.join(directory, key + ".json")
+    try:
+      with open(path) as f:
+        return result_type(**json.load(f))
+    except (OSError, ValueError, TypeError):        # absent or unreadable: build it
+      pass
+    result = build(ttir, backend, options, compute_capability, platform)
+    tmp = None
+    try:                                            # written whole or not at all
+      fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+      with os.fdopen(fd, "w") as f:
+        json.dump({k: getattr(result, k) for k in fields}, f)
+      os.replace(tmp, path)
+    except (OSError, TypeError, ValueError) as e:
+      log.warning("selective_scan: cannot write the Triton kernel cache in %s (%s)", directory, e)
+      if tmp is not None and os.path.exists(tmp):
+        os.remove(tmp)
+    return result
+
+  cached.toppax_builds, cached.toppax_cache = build, directory
+  triton_lib.compile_ttir_inplace = cached
+  return True
+
+
+def _kernel_cache_dir() -> str | None:
+  """``toppax_triton/`` in JAX's persistent compilation cache folder where that is on and local."""
+  directory = jax.config.jax_compilation_cache_dir
+  if not directory or "://" in directory:
+    return None
+  return os.path.join(directory, "toppax_triton")
+
+
 def call(st, inputs, out_shapes, num_warps):
   """The outputs (ShapeDtypeStructs ``out_shapes``) of the kernel ``st`` over ``inputs`` on the
   grid (state groups, blocks of D, batch)."""
@@ -119,6 +190,9 @@ def call(st, inputs, out_shapes, num_warps):
                          "pip install 'jax-triton>=0.3.1' (toppax[gpu])")
     if st.maxnreg is not None:
       install_register_cap()
+    cache = _kernel_cache_dir()
+    if cache is not None:
+      install_kernel_cache(cache)
     # jax-triton has no batching rule: under jax.vmap the calls run one after another.
     @jax.custom_batching.sequential_vmap
     def launch(*xs):
