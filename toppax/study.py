@@ -18,8 +18,8 @@ over n processes on one workdir: part 0 trains the dense models, parts 1..n-1 sh
 while part 0 trains, the others compile their entries' programs into JAX's persistent
 compilation cache (``<workdir>/compilation_cache`` unless one is set; the GPU scan's Triton
 kernels are kept next to it), so that their fine-tunes start at once when the dense model is
-there; they run at the lowest CPU priority, so
-that part 0's compilation and input pipeline come first. Then ``study.json`` (every seed),
+there; they run at the lowest CPU priority, so that part 0's compilation and input pipeline
+come first. Then ``study.json`` (every seed),
 ``study.md`` (per-seed rows and means over seeds) and ``study.png`` (top-1 or mIoU vs GFLOPs,
 zero-shot and fine-tuned) are written next to them. All methods at one keep ratio keep the same
 number of tokens per stage; their GFLOPs (toppax.tools.flops) differ only by ToP's alignment
