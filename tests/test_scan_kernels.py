@@ -425,18 +425,19 @@ def test_compile_failure_falls_back_to_xla(caplog, monkeypatch):
 def test_triton_kernels_that_do_not_build_give_way_to_pallas_triton(caplog, monkeypatch):
   # On its own platform (planted: "gpu"), where the Triton kernels do not build the op runs the
   # Pallas-Triton kernels if they build, and "xla" if neither does.
+  from toppax.pallas_kernels import gpu_scan
   calls = []
   broken = {"triton"}
 
-  def failure(self, cfg, args):
+  def failure(self, cfg, args, training=False):
     return f"planted {cfg.tuning.kernels} failure" if cfg.tuning.kernels in broken else None
 
-  def run(self, cfg, args):
+  def forward(cfg, args, save):
     calls.append(cfg.tuning.kernels)
-    return jnp.zeros(args.u.shape, args.u.dtype)
+    return jnp.zeros(args.u.shape, args.u.dtype), None
 
   monkeypatch.setattr(scan_call.Kernels, "failure", failure)
-  monkeypatch.setattr(scan_call.Kernels, "__call__", run)
+  monkeypatch.setattr(gpu_scan.KERNELS, "forward", forward)
   monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
   x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(3, 1, 5, 4, 2).items()}
   scan = lambda: get_implementation("pallas_gpu")(**x, delta_softplus=True, reverse=False,
@@ -451,22 +452,65 @@ def test_triton_kernels_that_do_not_build_give_way_to_pallas_triton(caplog, monk
   np.testing.assert_allclose(np.asarray(y), scan_utils.numpy_scan(**x), rtol=1e-5, atol=1e-6)
 
 
+def test_training_kernels_are_checked_only_where_the_scan_is_differentiated(caplog, monkeypatch):
+  # Evaluation checks (builds) the inference forward only; a program that differentiates the
+  # scan checks the training forward and the backward. Where only the training kernels do not
+  # build, evaluation keeps its kernels and the gradient comes from "xla" (forward recomputed
+  # in the backward), with a warning.
+  from toppax.pallas_kernels import gpu_scan
+  checked = []
+
+  def check(kernels, cfg, specs, training):
+    checked.append(training)
+    return "planted training failure" if training else None
+
+  monkeypatch.setattr(scan_call, "_check", check)
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+  # The inference kernels (planted): the XLA answer, computed apart, so that values can be
+  # compared with the reference while only the dispatch is under test.
+  monkeypatch.setattr(gpu_scan.KERNELS, "forward",
+                      lambda cfg, args, save: (ops._xla_on_args(cfg, args), None))
+  scan_call._failure.cache_clear()
+  x = {k: jnp.asarray(v) for k, v in scan_utils.random_inputs(3, 2, 6, 4, 2).items()}
+  impl = functools.partial(get_implementation("pallas_gpu"), delta_softplus=True,
+                           reverse=False, gaps=None, gap_delta="prev", interpret=False)
+  xla = functools.partial(get_implementation("xla"), delta_softplus=True, reverse=False,
+                          gaps=None, gap_delta="prev", interpret=False)
+  try:
+    jax.jit(lambda a: impl(**a))(x)
+    assert checked == [False]                      # evaluation: the inference forward only
+    loss = lambda f: (lambda a: jnp.sum(f(**a) ** 2))
+    with caplog.at_level(logging.WARNING):
+      grads = jax.jit(jax.grad(loss(impl)))(x)
+    # The training kernels, and their Pallas-Triton alternative since they failed; once.
+    assert checked == [False, True, True]
+    jax.jit(jax.grad(loss(impl)))(x)
+    assert checked == [False, True, True]
+    assert "planted training failure; falling back to 'xla'" in caplog.text
+    want = jax.grad(loss(xla))(x)
+    for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
+      np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(want[k]), rtol=1e-5,
+                                 atol=1e-6, err_msg=k)
+  finally:
+    scan_call._failure.cache_clear()
+
+
 def test_build_check_runs_once_per_build_class(caplog, monkeypatch):
-  # A model's evaluation batch differs from its training batch: the kernels' build check of the
-  # training call also decides the evaluation's, so evaluation builds no training kernels. A
-  # failing verdict carries over the same way (the other batch falls back too, with a warning).
+  # A model's evaluation batch differs from its training batch: one build check serves every
+  # batch size of a build class. A failing verdict carries over the same way (the other batch
+  # falls back too, with a warning).
   from toppax.pallas_kernels import gpu_scan
   checked = []
   verdict = {"why": None}
 
-  def check(kernels, cfg, specs):
+  def check(kernels, cfg, specs, training):
     checked.append(specs[0].shape)
     return verdict["why"]
 
   monkeypatch.setattr(scan_call, "_check", check)
   monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(scan_call.Kernels, "__call__",
-                      lambda self, cfg, args: jnp.zeros(args.u.shape, args.u.dtype))
+  monkeypatch.setattr(gpu_scan.KERNELS, "forward",
+                      lambda cfg, args, save: (jnp.zeros(args.u.shape, args.u.dtype), None))
   scan_call._failure.cache_clear()
 
   def scan(batch, length=5):

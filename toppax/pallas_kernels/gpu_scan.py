@@ -263,9 +263,8 @@ def build_class(cfg, specs):
   """What the kernels of a call are built from, besides its batch size: the signature without
   the batch, and the three Triton kernels' configurations (``Static``) with batch 0. The batch
   is a launch grid axis; where it changes a kernel's code (the channels per thread, the states
-  per program) the configurations differ, so such calls are checked apart. A model evaluated at
-  another batch than it trains at thus reuses its training step's build check instead of
-  building training kernels at the evaluation's batch."""
+  per program) the configurations differ, so such calls are checked apart. A model's calls at
+  several batch sizes (training, evaluation, a last partial batch) thus share one check."""
   key = without_batch(specs)
   if key is specs:                      # over the grid limit: the exact signature
     return specs

@@ -5,19 +5,24 @@ and a check that the kernels build for a call's signature.
 A kernel module (``gpu_scan``, ``tpu_scan``) provides ``forward(cfg, args, save) -> (y,
 checkpoints)`` and ``backward(cfg, args, checkpoints, dy) -> ScanArgs`` of cotangents, over the
 prepared ``ScanArgs`` (optional ``D`` and ``delta_bias`` replaced by zeros, ``gaps`` as float32
-or None), and exposes them as ``KERNELS``, a ``Kernels``. ``toppax.ssm.ops`` calls it, and runs
-its XLA implementation instead where ``Kernels.failure`` reports that the kernels do not build.
+or None), and exposes them as ``KERNELS``, a ``Kernels``. ``toppax.ssm.ops`` calls it with its
+XLA implementation as the fallback, which runs where ``Kernels.failure`` reports that the
+kernels do not build: the inference forward is checked where a program evaluates the scan, the
+training kernels where it differentiates it.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from toppax.pallas_kernels.common import vary, varying_axes
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,20 +78,32 @@ def out_types(structs, args):
   return [jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat) for s in structs]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _scan(kernels, cfg, args):
-  y, _ = kernels.forward(cfg, args, save=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _scan(kernels, cfg, fallback, args):
+  run = _choose(kernels, cfg, fallback, args, training=False)
+  if run is None:
+    return fallback(cfg, args)
+  y, _ = kernels.forward(run, args, save=False)
   return y
 
 
-def _scan_fwd(kernels, cfg, args):
-  y, ckpt = kernels.forward(cfg, args, save=True)
+# Differentiation traces these rules, not the primal above: a program that only evaluates the
+# scan checks and builds its inference forward only, and one that trains, its training kernels.
+def _scan_fwd(kernels, cfg, fallback, args):
+  run = _choose(kernels, cfg, fallback, args, training=True)
+  if run is None:
+    return fallback(cfg, args), (args,)
+  y, ckpt = kernels.forward(run, args, save=True)
   return y, (args, ckpt)
 
 
-def _scan_bwd(kernels, cfg, res, dy):
+def _scan_bwd(kernels, cfg, fallback, res, dy):
+  if len(res) == 1:                   # the forward ran the fallback: its VJP, recomputed
+    _, vjp = jax.vjp(lambda a: fallback(cfg, a), *res)
+    return vjp(dy)
   args, ckpt = res
-  return (kernels.backward(cfg, args, ckpt, dy),)
+  run = _choose(kernels, cfg, fallback, args, training=True, quiet=True)   # the forward's
+  return (kernels.backward(run, args, ckpt, dy),)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -114,23 +131,26 @@ def without_batch(specs):
                     for name, x in zip(ScanArgs._fields, specs)))
 
 
-def _check(kernels, cfg, specs):
+def _check(kernels, cfg, specs, training):
   """None if the kernels build for this static signature, else the error.
 
-  Each kernel is lowered: lowering is where kernels fail in practice. The inference forward is
-  also compiled on its own where ``kernels.compile_forward(cfg)`` says so, for kernels that
-  XLA's compile builds (Mosaic TPU, Pallas' Triton backend); kernels built while lowering are
-  not (jax-triton keeps the Triton kernels it builds and takes them again when the model's
-  program lowers the same call; the Mosaic GPU forward compiles itself once,
-  ``mgpu_scan.usable``). A failure that only shows at
+  ``training=False``: the inference forward; ``True``: the training forward (it also stores the
+  checkpoints) and the backward. Each kernel is lowered: lowering is where kernels fail in
+  practice. The inference forward is also compiled on its own where
+  ``kernels.compile_forward(cfg)`` says so, for kernels that XLA's compile builds (Mosaic TPU,
+  Pallas' Triton backend); kernels built while lowering are not (jax-triton keeps the Triton
+  kernels it builds and takes them again when the model's program lowers the same call; the
+  Mosaic GPU forward compiles itself once, ``mgpu_scan.usable``). A failure that only shows at
   the model's own compile is an error there, never a wrong answer.
   """
   forward, backward = kernels.forward, kernels.backward
   try:
     args = ScanArgs(*specs)
-    lowered = jax.jit(lambda a: forward(cfg, a, save=False)).lower(args)
-    if kernels.compile_forward(cfg):
-      lowered.compile()
+    if not training:
+      lowered = jax.jit(lambda a: forward(cfg, a, save=False)).lower(args)
+      if kernels.compile_forward(cfg):
+        lowered.compile()
+      return None
     jax.jit(lambda a: forward(cfg, a, save=True)).lower(args)
     y, ckpt = jax.eval_shape(lambda a: forward(cfg, a, save=True), args)
     jax.jit(lambda a, c, g: backward(cfg, a, c, g)).lower(args, ckpt, y)
@@ -142,17 +162,38 @@ def _check(kernels, cfg, specs):
 _verdicts: dict = {}
 
 
-def _failure(kernels, cfg, specs):
-  """``_check``'s verdict, checked once per build class (``Kernels.build_class``): the calls of
-  a model at its training batch and at its evaluation batch share one check, so evaluation
-  builds no training kernels it never runs."""
-  key = (kernels, cfg, kernels.build_class(cfg, specs))
+def _failure(kernels, cfg, specs, training=False):
+  """``_check``'s verdict, checked once per build class (``Kernels.build_class``) and kind
+  (inference or training): a model's calls at its training batch and at its evaluation batch
+  share a check, and the training kernels are checked (built) only where the scan is
+  differentiated, so evaluation builds none of them."""
+  key = (kernels, cfg, kernels.build_class(cfg, specs), bool(training))
   if key not in _verdicts:
-    _verdicts[key] = _check(kernels, cfg, specs)
+    _verdicts[key] = _check(kernels, cfg, specs, bool(training))
   return _verdicts[key]
 
 
 _failure.cache_clear = _verdicts.clear
+
+
+def _choose(kernels, cfg, fallback, args, *, training, quiet=False):
+  """The ScanConfig whose kernels run this call (``cfg``, or the kernels' alternative where
+  ``cfg``'s do not build and the alternative's do), or None: run ``fallback`` (XLA's scan).
+  Without a fallback (``check_lowering=False``) nothing is checked. Logs a warning each time
+  it picks something else than ``cfg`` (unless ``quiet``)."""
+  if fallback is None:
+    return cfg
+  why = kernels.failure(cfg, args, training)
+  if why is None:
+    return cfg
+  other = kernels.alternative(cfg)
+  if other is not None and kernels.failure(other[0], args, training) is None:
+    if not quiet:
+      log.warning("selective_scan: %s %s; running %s instead", kernels.name, why, other[1])
+    return other[0]
+  if not quiet:
+    log.warning("selective_scan: %s %s; falling back to 'xla'", kernels.name, why)
+  return None
 
 
 class Kernels:
@@ -184,11 +225,16 @@ class Kernels:
                      tuning=self.tuning_type.of(tuning, self.name))
     return cfg, prepare(u, delta, A, B, C, D, z, delta_bias, gaps)
 
-  def __call__(self, cfg, args):
-    """y of the scan (differentiable: the backward kernel gives the gradients)."""
-    return _scan(self, cfg, varying_like(args))
+  def __call__(self, cfg, args, fallback: Callable | None = None):
+    """y of the scan (differentiable: the backward kernel gives the gradients). With
+    ``fallback`` (``(cfg, args) -> y``, XLA's scan), the kernels are checked first
+    (``failure``): where they do not build, the alternative's run if they build, else
+    ``fallback``, each with a warning; the inference forward is checked where the call is
+    evaluated, the training kernels where it is differentiated."""
+    return _scan(self, cfg, fallback, varying_like(args))
 
-  def failure(self, cfg, args) -> str | None:
-    """None if the kernels build for this call's signature (checked once per build class),
-    else why not."""
-    return _failure(self, cfg, signature(args))
+  def failure(self, cfg, args, training: bool = False) -> str | None:
+    """None if the kernels build for this call's signature (checked once per build class;
+    ``training``: the training forward and the backward, else the inference forward), else
+    why not."""
+    return _failure(self, cfg, signature(args), training)

@@ -137,26 +137,30 @@ def _xla_impl(core, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, reve
 def _kernel_impl(kernels, platforms, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus,
                  reverse, gaps, gap_delta, interpret, tuning=None, check_lowering=True):
   """A Pallas implementation (``kernels``: a ``toppax.pallas_kernels.scan_call.Kernels``).
-  Outside interpret mode it checks, once per call signature, that the kernels run here and
-  build; where they do not, it warns and runs the kernels' alternative if that builds (the GPU's
-  Pallas-Triton kernels for its Triton ones), else "xla", so the answer is right either way."""
+  Outside interpret mode it checks, once per build class, that the kernels run here and build;
+  where they do not, it warns and runs the kernels' alternative if that builds (the GPU's
+  Pallas-Triton kernels for its Triton ones), else "xla", so the answer is right either way.
+  The inference forward is checked where a program evaluates the scan, the training kernels
+  where it is differentiated: evaluation builds no training kernels."""
   arrays = (u, delta, A, B, C, D, z, delta_bias)
   options = dict(delta_softplus=delta_softplus, reverse=reverse, gaps=gaps, gap_delta=gap_delta)
   cfg, args = kernels.configure(*arrays, **options, interpret=interpret, tuning=tuning)
-  if not interpret and check_lowering:
-    platform = jax.default_backend()
-    if platform not in platforms:
-      why = f"does not run on {platform} without interpret=True"
-    else:
-      why = kernels.failure(cfg, args)
-      other = kernels.alternative(cfg) if why is not None else None
-      if other is not None and kernels.failure(other[0], args) is None:
-        log.warning("selective_scan: %s %s; running %s instead", kernels.name, why, other[1])
-        return kernels(other[0], args)
-    if why is not None:
-      log.warning("selective_scan: %s %s; falling back to 'xla'", kernels.name, why)
-      return get_implementation("xla")(*arrays, **options, interpret=False)
-  return kernels(cfg, args)
+  if interpret or not check_lowering:
+    return kernels(cfg, args)
+  platform = jax.default_backend()
+  if platform not in platforms:
+    log.warning("selective_scan: %s does not run on %s without interpret=True; falling back "
+                "to 'xla'", kernels.name, platform)
+    return get_implementation("xla")(*arrays, **options, interpret=False)
+  return kernels(cfg, args, fallback=_xla_on_args)
+
+
+def _xla_on_args(cfg, args):
+  """The "xla" implementation on a kernel call's prepared arguments (``scan_call.ScanArgs``):
+  the Pallas implementations' fallback."""
+  return _xla_impl(reference.scan_associative, *args[:8], delta_softplus=cfg.delta_softplus,
+                   reverse=cfg.reverse, gaps=args.gaps, gap_delta=cfg.gap_delta or "prev",
+                   interpret=False)
 
 
 def _load_pallas_gpu():
