@@ -1,6 +1,7 @@
 """--mode=study end to end on a tiny CIFAR-shaped zip; zip sources, cached decode, on-device
 crops, eval subsets, init_from a toppax workdir, --mode=convert."""
 import io
+import json
 import os
 import zipfile
 
@@ -105,7 +106,7 @@ def test_on_device_crops_need_cached_equal_size_images(data_dir):
     next(iter(ip.train_batches(src, plan, c, 0, 1)))
 
 
-def test_study_runs_resumes_and_reports(data_dir, tmp_path):
+def test_study_runs_resumes_and_reports(data_dir, tmp_path, monkeypatch):
   c = cifar10.get_config(f"runlocal,data={data_dir}")
   c.unlock()
   c.study.methods = ("top",)
@@ -133,6 +134,23 @@ def test_study_runs_resumes_and_reports(data_dir, tmp_path):
   again = study.run(c, str(tmp_path))
   assert os.path.getmtime(tmp_path / "study-seed0.json") == before
   assert {r["key"] for r in again["rows"]} == set(rows)
+  # An entry stopped after its zero-shot evaluation (its fine-tune checkpointed): the rerun
+  # takes the kept zero-shot result and resumes the fine-tune, evaluating nothing zero-shot.
+  path = tmp_path / "study-seed0.json"
+  data = json.loads(path.read_text())
+  key = "seed0/top/r0.5/clip"
+  data["rows"] = [r for r in data["rows"] if r["key"] != key]
+  data["zero_shot"] = {key: 0.125}
+  path.write_text(json.dumps(data))
+  zero_shot_runs = []
+  evaluate = study._Task.evaluate
+  monkeypatch.setattr(study._Task, "evaluate",
+                      lambda *a: zero_shot_runs.append(1) or evaluate(*a))
+  resumed = {r["key"]: r for r in study.run(c, str(tmp_path))["rows"]}
+  assert zero_shot_runs == []
+  assert resumed[key]["zero_shot_top1"] == 0.125
+  assert resumed[key]["finetuned_top1"] == top["finetuned_top1"]   # the same checkpoint
+  assert "zero_shot" not in json.loads(path.read_text())             # no longer pending
 
 
 def test_study_rejects_bad_settings(data_dir, tmp_path):

@@ -13,15 +13,16 @@ For each seed in ``config.study.seeds``:
 
 Every finished entry goes to ``<workdir>/study-seed<S>.json`` at once (``-part<i>`` appended
 when ``config.study.part`` splits the work); a rerun (or a killed one) skips what is there, and
-the training runs resume from their checkpoints. ``config.study.part="i/n"`` splits the work
-over n processes on one workdir: part 0 trains the dense models, parts 1..n-1 share the entries;
-while part 0 trains, the others compile their entries' programs into JAX's persistent
-compilation cache (``<workdir>/compilation_cache`` unless one is set; the GPU scan's Triton
-kernels are kept next to it), so that their fine-tunes start at once when the dense model is
-there; they run at the lowest CPU priority, so that part 0's compilation and input pipeline
-come first. Then ``study.json`` (every seed),
-``study.md`` (per-seed rows and means over seeds) and ``study.png`` (top-1 or mIoU vs GFLOPs,
-zero-shot and fine-tuned) are written next to them. All methods at one keep ratio keep the same
+the training runs resume from their checkpoints (an entry stopped during its fine-tune keeps its
+zero-shot result in the file, so the rerun does not evaluate it again).
+``config.study.part="i/n"`` splits the work over n processes on one workdir: part 0 trains the
+dense models, parts 1..n-1 share the entries; while part 0 trains, the others compile their
+entries' programs into JAX's persistent compilation cache (``<workdir>/compilation_cache``
+unless one is set; the GPU scan's Triton kernels are kept next to it), so that their fine-tunes
+start at once when the dense model is there; they run at the lowest CPU priority, so that part
+0's compilation and input pipeline come first. Then ``study.json`` (every seed), ``study.md``
+(per-seed rows and means over seeds) and ``study.png`` (top-1 or mIoU vs GFLOPs, zero-shot and
+fine-tuned) are written next to them. All methods at one keep ratio keep the same
 number of tokens per stage; their GFLOPs (toppax.tools.flops) differ only by ToP's alignment
 decay and EViT's one fused token, and are reported per row.
 """
@@ -174,9 +175,14 @@ class _Results:
   def __init__(self, path, others=()):
     self.path = path
     self.rows = {}
+    # Zero-shot results of entries whose fine-tune has not finished: a rerun resumes the
+    # fine-tune from its checkpoint and does not evaluate the pruned dense model again.
+    self.zero_shot = {}
     if os.path.exists(path):
       with open(path) as f:
-        self.rows = {r["key"]: r for r in json.load(f)["rows"]}
+        data = json.load(f)
+      self.rows = {r["key"]: r for r in data["rows"]}
+      self.zero_shot = dict(data.get("zero_shot", {}))
       logging.info("study: %d finished entries in %s are kept", len(self.rows), path)
     self.header = {}
     self.others = tuple(others)
@@ -194,8 +200,10 @@ class _Results:
     if jax.process_index() != 0:
       return
     tmp = self.path + ".tmp"
+    pending = {k: v for k, v in self.zero_shot.items() if k not in self.rows}
     with open(tmp, "w") as f:
-      json.dump({**self.header, "rows": list(self.rows.values())}, f, indent=2)
+      json.dump({**self.header, "rows": list(self.rows.values()),
+                 **({"zero_shot": pending} if pending else {})}, f, indent=2)
     os.replace(tmp, self.path)
 
 
@@ -277,11 +285,16 @@ def run(config, workdir: str) -> dict:
       # The zero-shot evaluation builds the fine-tune's model (they differ only in training
       # fields such as drop-path), so the fine-tune's final evaluation reuses its compilation.
       c, ft = _entry(cs, method, ratio, importance, dense_dir)
-      zero = None
-      if method != "dense+ft":
+      zero = results.zero_shot.get(key)
+      if zero is not None:
+        logging.info("study: %s zero-shot %.2f%% (from the run that started its fine-tune)",
+                     key, 100 * zero)
+      elif method != "dense+ft":
         pdefs = factory.model_defs(ft)
         rngs = factory.with_stats(factory.fresh_rngs(ft, sharding.replicated(mesh)), stats)
         zero = task.evaluate(ft, pdefs, params, rngs, eval_source, mesh)
+        results.zero_shot[key] = float(zero)
+        results.save()
       name = f"{method}-r{ratio:g}-{importance}".replace("+", "_")
       t = time.perf_counter()
       res = task.train(ft, os.path.join(seed_dir, name))
@@ -529,6 +542,7 @@ def load(workdir) -> dict:
     data = data or d
     rows.update({r["key"]: r for r in d["rows"]})
   data["rows"] = list(rows.values())
+  data.pop("zero_shot", None)           # a part's pending entries, not results
   return data
 
 
