@@ -262,8 +262,9 @@ def _pallas_triton_instead(cfg):
 def build_class(cfg, specs):
   """What the kernels of a call are built from, besides its batch size: the signature without
   the batch, and the three Triton kernels' configurations (``Static``) with batch 0. The batch
-  is a launch grid axis; where it changes a kernel's code (the channels per thread, the states
-  per program) the configurations differ, so such calls are checked apart. A model's calls at
+  sets the launch grid and constant offsets in the Triton kernels' code, not whether they
+  build; where it changes their structure (the channels per thread, the states per program) the
+  configurations differ, so such calls are checked apart. A model's calls at
   several batch sizes (training, evaluation, a last partial batch) thus share one check."""
   key = without_batch(specs)
   if key is specs:                      # over the grid limit: the exact signature
